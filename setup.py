@@ -1,0 +1,52 @@
+"""Packaging for qdqkit.
+
+The repository keeps the core (qdqkit/), the built-in passes (passes/), BEVFormer's custom ops (custom_ops/)
+and the bundled example (examples/) side by side; they install as one namespace so that nothing generic
+(`passes`, `custom_ops`) lands at the top level of site-packages.
+"""
+
+from setuptools import setup
+
+PACKAGE_DIR = {
+    "qdqkit": "qdqkit",
+    "qdqkit.passes": "passes",
+    "qdqkit.custom_ops": "custom_ops",
+    "qdqkit.custom_ops.cuda": "custom_ops/cuda",
+    "qdqkit.examples": "examples",
+    "qdqkit.examples.bevformer": "examples/bevformer",
+}
+
+setup(
+    name="qdqkit",
+    version="0.1.0",
+    description="Plugin-based ONNX graph passes for shipping plugin-laden models to TensorRT with INT8 Q/DQ",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=list(PACKAGE_DIR),
+    package_dir=PACKAGE_DIR,
+    package_data={"qdqkit.custom_ops": ["cuda/*.cu", "cuda/*.cuh", "cuda/*.h"]},
+    install_requires=[
+        "numpy",
+        "onnx",
+        "onnx-graphsurgeon",
+        "onnxsim",
+        "pluggy>=1.3",
+        "networkx",
+        "nvidia-modelopt[onnx]",
+        # onnxruntime itself arrives with nvidia-modelopt[onnx] (the onnxruntime-gpu build, which also runs on the CPU).
+    ],
+    extras_require={
+        "example": ["torch"],
+        "test": ["pytest", "torch"],
+        "trt": ["tensorrt"],
+    },
+    entry_points={
+        "console_scripts": ["qdqkit = qdqkit.cli:main"],
+        "qdqkit": [
+            "builtin-passes = qdqkit.passes.plugin",
+            "bevformer-ops = qdqkit.custom_ops.plugin",
+            "bevformer-example = qdqkit.examples.bevformer.plugin",
+        ],
+    },
+)
