@@ -1,0 +1,150 @@
+"""Everything qdqkit changes in, or works around of, NVIDIA ModelOpt, in one place.
+
+Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
+``tests/core/test_modelopt_compat.py``, so a new ModelOpt release shows at once which one broke:
+
+  1. ``interpret_trt_plugins_precision_flag`` keeps only the last plugin of each float precision (it assigns
+     ``custom_ops_to_cast[precision] = {op: ...}`` per flag). Replaced, in every module that imported it, by a
+     wrapper that calls the original once per flag and merges the results.
+  2. AutoCast's ``GraphSanitizer.find_custom_nodes`` asks TensorRT for plugin shapes whenever an op has no ONNX
+     schema, and raises ``NameError: trt`` without TensorRT. qdqkit registers schemas for every known custom op
+     so it normally finds nothing; for an op without a schema the replacement moves it to ``trt.plugins`` and
+     leaves its types to ONNX shape inference instead of TensorRT. Only installed when TensorRT is absent.
+
+Not patched but handled by the caller (`run_in_private_dir`): ModelOpt rewrites its input file in place and drops
+``sym_shape_infer_temp.onnx`` and ``<uuid>.data`` in the current directory, so it runs on a private copy with
+the working directory switched to a temporary folder. Its API defaults that differ from its CLI
+(``high_precision_dtype``, ``dq_only``, ``calibration_eps``) are always passed explicitly by the backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TESTED_VERSION = "0.47"
+
+_LOCK = threading.RLock()
+
+
+def modelopt_version() -> str | None:
+    """The installed ModelOpt version, or None when it is not installed."""
+    try:
+        from importlib.metadata import version
+
+        return version("nvidia-modelopt")
+    except Exception:
+        return None
+
+
+def check_version() -> str:
+    """Return the ModelOpt version; warn once if it is not the release these patches were written for."""
+    v = modelopt_version()
+    if v is None:
+        from qdqkit.errors import UserError
+
+        raise UserError("the modelopt backend needs NVIDIA ModelOpt: pip install 'nvidia-modelopt[onnx]'")
+    if not v.startswith(TESTED_VERSION + "."):
+        warnings.warn(
+            f"qdqkit's ModelOpt workarounds were written for ModelOpt {TESTED_VERSION}.x, found {v}; "
+            "run tests/core/test_modelopt_compat.py to see which still apply",
+            stacklevel=2,
+        )
+    return v
+
+
+def tensorrt_available() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+# -- patch 1: merge plugin precisions ---------------------------------------------------------------------------
+
+_PRECISION_FLAG_USERS = ("modelopt.onnx.quantization.quantize", "modelopt.onnx.autocast.graphsanitizer")
+
+
+def _merging_interpreter(original: Any) -> Any:
+    def interpret(onnx_model: Any, trt_plugins_precision: list[str], quantize_mode: str = "int8") -> tuple[dict, dict]:
+        to_cast: dict[str, dict] = {}
+        to_quantize: dict[str, dict] = {}
+        for flag in trt_plugins_precision or []:
+            cast, quant = original(onnx_model, [flag], quantize_mode)
+            for precision, ops in cast.items():
+                to_cast.setdefault(precision, {}).update(ops)
+            to_quantize.update(quant)
+        return to_cast, to_quantize
+
+    interpret.qdqkit_original = original  # type: ignore[attr-defined]
+    return interpret
+
+
+# -- patch 2: custom-node discovery without TensorRT -------------------------------------------------------------
+
+def _find_custom_nodes_without_trt(self: Any) -> None:
+    import onnx
+
+    from qdqkit.customops import TRT_PLUGIN_DOMAIN
+
+    self.custom_ops = {n.op_type for n in self.model.graph.node if n.op_type not in self.standard_ops}
+    if not self.custom_ops:
+        return
+    for n in self.model.graph.node:
+        if n.op_type in self.custom_ops and n.domain in ("", "ai.onnx"):
+            n.domain = TRT_PLUGIN_DOMAIN
+    if not any(o.domain == TRT_PLUGIN_DOMAIN for o in self.model.opset_import):
+        self.model.opset_import.append(onnx.helper.make_opsetid(TRT_PLUGIN_DOMAIN, 1))
+    # TensorRT would write plugin output types here; ONNX shape inference does it from the registered schemas.
+    self.model = onnx.shape_inference.infer_shapes(self.model)
+
+
+@contextlib.contextmanager
+def patched_modelopt() -> Iterator[None]:
+    """Apply the patches listed in the module docstring for the duration of the block (re-entrant)."""
+    check_version()
+    with _LOCK:
+        saved: list[tuple[Any, str, Any]] = []
+        try:
+            from modelopt.onnx import trt_utils
+
+            merged = _merging_interpreter(trt_utils.interpret_trt_plugins_precision_flag)
+            for mod_name in _PRECISION_FLAG_USERS:
+                mod = importlib.import_module(mod_name)
+                current = getattr(mod, "interpret_trt_plugins_precision_flag", None)
+                if current is not None and not hasattr(current, "qdqkit_original"):
+                    saved.append((mod, "interpret_trt_plugins_precision_flag", current))
+                    mod.interpret_trt_plugins_precision_flag = merged
+            if not tensorrt_available():
+                from modelopt.onnx.autocast.graphsanitizer import GraphSanitizer
+
+                current = GraphSanitizer.find_custom_nodes
+                if current is not _find_custom_nodes_without_trt:
+                    saved.append((GraphSanitizer, "find_custom_nodes", current))
+                    GraphSanitizer.find_custom_nodes = _find_custom_nodes_without_trt
+            yield
+        finally:
+            for owner, attr, value in reversed(saved):
+                setattr(owner, attr, value)
+
+
+@contextlib.contextmanager
+def run_in_private_dir(parent: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A fresh temporary folder that is also the working directory for the block; both undone afterwards.
+
+    ModelOpt leaves files in the current directory and rewrites its input: running it here keeps the user's
+    folder and input untouched. The working directory is process-wide, hence the lock.
+    """
+    with _LOCK:
+        old = os.getcwd()
+        with tempfile.TemporaryDirectory(prefix="qdqkit-modelopt-", dir=parent) as tmp:
+            os.chdir(tmp)
+            try:
+                yield Path(tmp)
+            finally:
+                os.chdir(old)
