@@ -1,0 +1,320 @@
+"""`ModelHandle`: one model in memory, as an ONNX ModelProto or a graphsurgeon Graph, loaded once.
+
+Converting between the two forms costs a full copy of the graph, so the handle keeps whichever form was set
+last as the authoritative one, converts only when the other is asked for, and counts conversions (a pipeline
+run should need at most two). Models over 2 GB (protobuf's limit) are read and written with external data; the
+input file is never written, and saving is atomic: temporary files in the target folder, renamed into place
+only once complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from qdqkit.errors import UserError
+
+# protobuf refuses to serialize a message of 2 GiB or more; stay clear of it
+PROTOBUF_LIMIT = 2**31 - 2**24
+# tensors at least this large go to the external data file when one is written
+EXTERNAL_THRESHOLD = 1024
+
+
+class ModelHandle:
+    """A model being transformed. Construct with ``ModelHandle.load(path)`` or ``ModelHandle(proto)``.
+
+    ``proto`` and ``graph`` give the model in either form; reading one after the other was set converts once
+    (``conversions`` counts it). Passes that change the model hand back the new form with ``set_proto`` /
+    ``set_graph``, or mutate ``proto`` in place.
+    """
+
+    def __init__(self, proto: onnx.ModelProto | None = None, *, graph: Any = None,
+                 source_path: str | os.PathLike | None = None, external_data: bool = False) -> None:
+        if (proto is None) == (graph is None):
+            raise ValueError("ModelHandle needs exactly one of proto or graph")
+        self._proto = proto
+        self._graph = graph
+        self.conversions = 0
+        self.source_path = Path(source_path).resolve() if source_path is not None else None
+        self.source_external_data = external_data
+
+    # -- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ModelHandle:
+        """Read an ONNX file (and its external data). Bad files raise ``UserError`` with one clear line."""
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"model file not found: {path}")
+        if path.is_dir():
+            raise UserError(f"{path} is a folder, not an ONNX model file")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"model file {path} is not readable")
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path} is not a readable ONNX model (corrupt or truncated protobuf: {exc})") from None
+        if proto.ir_version == 0 or not proto.HasField("graph"):
+            raise UserError(f"{path} is not an ONNX model (no IR version or graph); check the file")
+        external = has_external_data(proto)
+        if external:
+            _check_external_files(proto, path.parent, path)
+            try:
+                onnx.load_external_data_for_model(proto, str(path.parent))
+            except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+                raise UserError(f"cannot read the external data of {path}: {exc}") from None
+        return cls(proto, source_path=path, external_data=external)
+
+    # -- the two forms -------------------------------------------------------------------------------
+    @property
+    def proto(self) -> onnx.ModelProto:
+        """The model as an ``onnx.ModelProto`` (converted from the Graph if that was set last)."""
+        if self._proto is None:
+            import onnx_graphsurgeon as gs
+
+            self._proto = gs.export_onnx(self._graph, do_type_check=False)
+            self._graph = None
+            self.conversions += 1
+        return self._proto
+
+    @property
+    def graph(self) -> Any:
+        """The model as an ``onnx_graphsurgeon.Graph`` (converted from the proto if that was set last)."""
+        if self._graph is None:
+            import onnx_graphsurgeon as gs
+
+            self._graph = gs.import_onnx(self._proto)
+            self._proto = None
+            self.conversions += 1
+        return self._graph
+
+    @property
+    def form(self) -> str:
+        """Which form is authoritative now: "proto" or "graph"."""
+        return "proto" if self._proto is not None else "graph"
+
+    def set_proto(self, proto: onnx.ModelProto) -> None:
+        """Replace the model with ``proto`` (now authoritative)."""
+        self._proto, self._graph = proto, None
+
+    def set_graph(self, graph: Any) -> None:
+        """Replace the model with a graphsurgeon ``graph`` (now authoritative)."""
+        self._graph, self._proto = graph, None
+
+    # -- cheap facts -----------------------------------------------------------------------------------
+    def node_count(self) -> int:
+        """Nodes of the main graph, in whichever form is current (no conversion)."""
+        return len(self._proto.graph.node) if self._proto is not None else len(self._graph.nodes)
+
+    def op_histogram(self) -> dict[str, int]:
+        """Count of nodes per ``domain::op_type`` (the default domain written without prefix), no conversion."""
+        counts: dict[str, int] = {}
+        if self._proto is not None:
+            items = ((n.domain, n.op_type) for n in self._proto.graph.node)
+        else:
+            items = ((n.domain or "", n.op) for n in self._graph.nodes)
+        for domain, op in items:
+            key = op if domain in ("", "ai.onnx") else f"{domain}::{op}"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def byte_size(self) -> int:
+        """Approximate serialized size, tensors included (safe past 2 GB: summed per part)."""
+        return proto_size(self.proto)
+
+    # -- saving ----------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+        """Write the model atomically to ``path``; never onto the input file.
+
+        External data (``<name>.data`` beside the model) is used when asked, when the input had it, or when the
+        model is too large for a single protobuf.
+        """
+        path = Path(path)
+        check_output_path(path, self.source_path)
+        if external_data is None:
+            external_data = self.source_external_data or proto_size(self.proto) >= PROTOBUF_LIMIT
+        save_model(self.proto, path, external_data=external_data)
+        return path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# helpers shared with passes (no pass imports another pass; they meet here)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def has_external_data(proto: onnx.ModelProto) -> bool:
+    """Whether any initializer of the main graph keeps its data in an external file."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+def _external_location(t: onnx.TensorProto) -> str | None:
+    for entry in t.external_data:
+        if entry.key == "location":
+            return entry.value
+    return None
+
+
+def _check_external_files(proto: onnx.ModelProto, base: Path, model_path: Path) -> None:
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = _external_location(t)
+        if loc is None:
+            raise UserError(f"{model_path}: tensor '{t.name}' is marked external but names no data file")
+        data = base / loc
+        if not data.is_file():
+            raise UserError(
+                f"external data file '{loc}' of {model_path} is missing (expected at {data}); "
+                "copy it beside the model"
+            )
+
+
+def proto_size(proto: onnx.ModelProto) -> int:
+    """Serialized size of a model, computed part by part so that models past 2 GB do not overflow."""
+    g = proto.graph
+    size = sum(t.ByteSize() for t in g.initializer)
+    size += sum(n.ByteSize() for n in g.node)
+    size += sum(f.ByteSize() for f in proto.functions)
+    return size + 4096
+
+
+def check_output_path(path: Path, source: Path | None) -> None:
+    """Refuse an output that is the input, or whose folder is missing or not writable."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists() and path.is_dir():
+        raise UserError(f"output path {path} is a folder; give a file name such as {path / 'model.onnx'}")
+    if source is not None:
+        resolved = path.resolve()
+        if resolved == source or (path.exists() and os.path.samefile(path, source)):
+            raise UserError(f"output path {path} is the input model; choose another file name (the input is never "
+                            "overwritten)")
+        if resolved.parent == source.parent and resolved.name + ".data" == source.name:
+            raise UserError(f"output path {path} would overwrite an external data file of the input")
+    if not parent.is_dir():
+        raise UserError(f"output folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {parent} is not writable")
+
+
+def save_model(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False) -> None:
+    """Write ``proto`` to ``path`` atomically, optionally with its large tensors in ``<name>.data``.
+
+    The model in memory is not modified. With external data, the tensors are streamed one by one from the
+    proto into the data file and only a data-less skeleton is serialized, so peak memory stays near the
+    model's own size (``onnx.save`` with external data would rewrite the proto in place).
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    tmp_files: list[str] = []
+    try:
+        if external_data:
+            location = path.name + ".data"
+            fd, tmp_data = tempfile.mkstemp(prefix=f".{location}.", suffix=".tmp", dir=folder)
+            tmp_files.append(tmp_data)
+            with os.fdopen(fd, "wb") as f:
+                skeleton = _write_external(proto, f, location)
+                f.flush()
+                os.fsync(f.fileno())
+            payload = skeleton.SerializeToString()
+        else:
+            if proto_size(proto) >= PROTOBUF_LIMIT:
+                raise UserError("model exceeds protobuf's 2 GB limit; save it with external data")
+            payload = proto.SerializeToString()
+        fd, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        tmp_files.append(tmp_model)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        del payload
+        if external_data:
+            os.replace(tmp_data, folder / location)
+        os.replace(tmp_model, path)
+        tmp_files.clear()
+    finally:
+        for leftover in tmp_files:
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
+
+
+def _write_external(proto: onnx.ModelProto, f: Any, location: str) -> onnx.ModelProto:
+    """Stream large main-graph initializers into ``f``; return a skeleton that refers to them."""
+    skeleton = _shell(proto)
+    sg = skeleton.graph
+    graph = proto.graph
+    offset = 0
+    for t in graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() < EXTERNAL_THRESHOLD:
+            sg.initializer.append(t)
+            continue
+        data = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
+        # 4 KiB alignment lets onnxruntime memory-map the tensors
+        pad = (-offset) % 4096
+        if pad:
+            f.write(b"\0" * pad)
+            offset += pad
+        f.write(data)
+        st = sg.initializer.add()
+        st.name = t.name
+        st.data_type = t.data_type
+        st.dims.extend(t.dims)
+        if t.doc_string:
+            st.doc_string = t.doc_string
+        st.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+            entry = st.external_data.add()
+            entry.key, entry.value = key, value
+        offset += len(data)
+        del data
+    return skeleton
+
+
+def structure_only(proto: onnx.ModelProto, threshold: int = EXTERNAL_THRESHOLD) -> onnx.ModelProto:
+    """A copy without the bytes of large initializers (dims and types kept), always under 2 GB.
+
+    Enough for the checker and shape inference; the elided tensors are marked as external so that onnx does
+    not mistake them for empty ones.
+    """
+    skeleton = _shell(proto)
+    sg = skeleton.graph
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() < threshold:
+            sg.initializer.append(t)
+            continue
+        st = sg.initializer.add()
+        st.name, st.data_type = t.name, t.data_type
+        st.dims.extend(t.dims)
+        st.data_location = onnx.TensorProto.EXTERNAL
+        entry = st.external_data.add()
+        entry.key, entry.value = "location", "qdqkit-elided"
+    return skeleton
+
+
+def is_large(proto: onnx.ModelProto) -> bool:
+    """Whether the model cannot be serialized as one protobuf."""
+    return proto_size(proto) >= PROTOBUF_LIMIT
+
+
+def _copy_fields(src: Any, dst: Any, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _shell(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of everything but the main graph's initializers (copied field by field, weights never)."""
+    shell = onnx.ModelProto()
+    _copy_fields(proto, shell, skip="graph")
+    _copy_fields(proto.graph, shell.graph, skip="initializer")
+    return shell
