@@ -343,6 +343,11 @@ class CustomOpRegistry:
 
         A default-domain op type that names a standard ONNX op is refused: the standard schema must win.
         """
+        # onnx.reference builds a by-name table of all schemas once, at import, and refuses one op name in two
+        # domains (ours are in "" and trt.plugins); onnxruntime.quantization and ModelOpt import it, so it must
+        # be imported before our schemas exist.
+        import onnx.reference  # noqa: F401
+
         with _SCHEMA_LOCK:
             for spec in self._specs:
                 for domain, op_type in spec.keys:
