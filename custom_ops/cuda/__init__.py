@@ -1,0 +1,347 @@
+"""CUDA kernels for BEVFormer's custom ops, callable on PyTorch CUDA tensors.
+
+Kernels: MultiScaleDeformableAttn (fp32; fp16 with channels packed in 16-byte vectors of half2 pairs; an
+INT8 variant with per-tensor scales), Rotate (fp32, fp16; nearest and bilinear) and ModulatedDeformableConv2d
+(fp32, fp16). Sources live beside this file (``*.cu``), compiled at first use by NVRTC through CuPy and
+launched on PyTorch's current stream, so CUDA-graph capture and stream semantics follow torch.
+
+Importing this package never imports torch's CUDA state, CuPy or the CUDA bindings; :func:`available` is
+cheap, never raises and is False on a machine without a usable GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Optional, Sequence, Tuple, Union
+
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "ms_deform_attn",
+    "ms_deform_attn_int8",
+    "rotate",
+    "modulated_deform_conv2d",
+]
+
+_BLOCK = 256
+
+
+@functools.lru_cache(maxsize=1)
+def unavailable_reason() -> Optional[str]:
+    """None when the kernels can run here, else one line saying what is missing."""
+    try:
+        if importlib.util.find_spec("torch") is None:
+            return "PyTorch is not installed"
+        if importlib.util.find_spec("cupy") is None:
+            return "CuPy is not installed (the kernels are compiled with NVRTC through CuPy)"
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible to PyTorch"
+    except Exception as exc:  # available() must never raise, whatever a broken install does
+        return f"CUDA check failed: {exc}"
+    return None
+
+
+def available() -> bool:
+    """True when a CUDA GPU, PyTorch with CUDA, and CuPy are all present (cheap; never raises)."""
+    return unavailable_reason() is None
+
+
+# --------------------------------------------------------------------------------------------------------
+# launching
+
+@functools.lru_cache(maxsize=64)
+def _external_stream(ptr: int, device_index: int):
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        return cupy.cuda.ExternalStream(ptr, device_index)
+
+
+def _launch(source: str, kernel: str, grid: Tuple[int, ...], args: Sequence, device) -> None:
+    """Launches ``kernel`` of ``source`` on torch's current stream of ``device``."""
+    import cupy
+    import numpy as np
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fn = _kernel(source, kernel, index)
+    packed = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            packed.append(np.uint64(a.data_ptr()))
+        elif isinstance(a, (bool, int, np.integer)):
+            packed.append(np.int32(a))
+        else:
+            raise TypeError(f"unsupported kernel argument type {type(a).__name__}")
+    stream = _external_stream(torch.cuda.current_stream(index).cuda_stream, index)
+    with cupy.cuda.Device(index), stream:
+        fn(grid, (_BLOCK,), tuple(packed))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(source: str, kernel: str, device_index: int):
+    from . import _build
+
+    return _build.module(source, device_index).get_function(kernel)
+
+
+def _check_cuda(name: str, *tensors) -> None:
+    import torch
+
+    dev = tensors[0].device
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type != "cuda" or t.device != dev:
+            raise ValueError(f"{name}: every input must be a CUDA tensor on one device")
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"{name}: CUDA kernels unavailable: {reason}")
+
+
+def _float_dtype(name: str, t) -> str:
+    import torch
+
+    if t.dtype == torch.float32:
+        return "fp32"
+    if t.dtype == torch.float16:
+        return "fp16"
+    raise TypeError(f"{name}: expected float32 or float16, got {t.dtype}")
+
+
+def _prepare_out(name: str, out, shape, like):
+    import torch
+
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"{name}: out must be {like.dtype} {tuple(shape)} on {like.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{name}: out must be contiguous")
+    return out
+
+
+def _grid1(n: int) -> Tuple[int]:
+    return ((n + _BLOCK - 1) // _BLOCK,)
+
+
+def _aligned(vec_bytes: int, *tensors) -> bool:
+    return all(t.data_ptr() % vec_bytes == 0 for t in tensors)
+
+
+# --------------------------------------------------------------------------------------------------------
+# MultiScaleDeformableAttn
+
+def _msda_shapes(value, spatial_shapes, reference_points, sampling_offsets, attention_weights):
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value must be [B,S,M,D], got {tuple(value.shape)}")
+    B, S, M, D = value.shape
+    L = spatial_shapes.shape[0]
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be [L,2], got {tuple(spatial_shapes.shape)}")
+    if attention_weights.dim() != 4 or sampling_offsets.dim() != 4 or reference_points.dim() != 4:
+        raise ValueError("ms_deform_attn: reference_points, sampling_offsets, attention_weights must be 4-D")
+    Q = sampling_offsets.shape[1]
+    LP = attention_weights.shape[3]
+    if LP % L:
+        raise ValueError(f"ms_deform_attn: attention_weights last dim {LP} is not a multiple of L={L}")
+    P = LP // L
+    G = reference_points.shape[3] // 2
+    if tuple(sampling_offsets.shape) != (B, Q, M, LP * 2) or tuple(attention_weights.shape) != (B, Q, M, LP):
+        raise ValueError("ms_deform_attn: sampling_offsets must be [B,Q,M,L*P*2] and attention_weights [B,Q,M,L*P]")
+    if tuple(reference_points.shape[:3]) != (B, Q, 1) or G < 1 or P % G:
+        raise ValueError("ms_deform_attn: reference_points must be [B,Q,1,2G] with P a multiple of G")
+    return B, S, M, D, Q, L, P, G
+
+
+def _shapes_i64(spatial_shapes, device):
+    import torch
+
+    return spatial_shapes.to(device=device, dtype=torch.int64).contiguous()
+
+
+def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, attention_weights, *, out=None):
+    """MultiScaleDeformableAttnTRT(2) on CUDA tensors (fp32 or fp16; softmax of the logits inside).
+
+    value [B,S,M,D], spatial_shapes int [L,2] (H,W), reference_points [B,Q,1,2G], sampling_offsets
+    [B,Q,M,L*P*2] (pixels), attention_weights [B,Q,M,L*P] (logits) -> [B,Q,M,D] in value's dtype.
+    Float inputs are cast to value's dtype. ``out`` optionally names a contiguous output buffer.
+    """
+    _check_cuda("ms_deform_attn", value, reference_points, sampling_offsets, attention_weights)
+    kind = _float_dtype("ms_deform_attn", value)
+    B, S, M, D, Q, L, P, G = _msda_shapes(value, spatial_shapes, reference_points, sampling_offsets,
+                                          attention_weights)
+    dt = value.dtype
+    value = value.contiguous()
+    ref = reference_points.to(dt).contiguous()
+    off = sampling_offsets.to(dt).contiguous()
+    aw = attention_weights.to(dt).contiguous()
+    shapes = _shapes_i64(spatial_shapes, value.device)
+    out = _prepare_out("ms_deform_attn", out, (B, Q, M, D), value)
+    if out.numel() == 0:
+        return out
+    esize = value.element_size()
+    vec = 1
+    for cand in ((8, 2) if kind == "fp16" else (4,)):
+        if D % cand == 0 and _aligned(cand * esize, value, out):
+            vec = cand
+            break
+    threads = B * Q * M * (D // vec)
+    _launch("msda", f"msda_{kind}_v{vec}", _grid1(threads),
+            (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, out), value.device)
+    return out
+
+
+def _float_bits(x: float) -> int:
+    import struct
+
+    return struct.unpack("<i", struct.pack("<f", float(x)))[0]
+
+
+def ms_deform_attn_int8(value, spatial_shapes, reference_points, sampling_offsets, attention_weights, *,
+                        value_scale: float, offset_scale: float, weight_scale: float, out_scale: float,
+                        out=None):
+    """INT8 MultiScaleDeformableAttn as the TensorRT plugin takes it: int8 value, offsets and weights with
+    per-tensor scales (real = scale * int8), fp32 reference points; returns int8 [B,Q,M,D] quantised with
+    ``out_scale`` (round half to even, saturating to [-128, 127]). Needs D % 8 == 0.
+    """
+    import torch
+
+    _check_cuda("ms_deform_attn_int8", value, reference_points, sampling_offsets, attention_weights)
+    for name, t in (("value", value), ("sampling_offsets", sampling_offsets),
+                    ("attention_weights", attention_weights)):
+        if t.dtype != torch.int8:
+            raise TypeError(f"ms_deform_attn_int8: {name} must be int8, got {t.dtype}")
+    for name, s in (("value_scale", value_scale), ("offset_scale", offset_scale),
+                    ("weight_scale", weight_scale), ("out_scale", out_scale)):
+        if not float(s) > 0:
+            raise ValueError(f"ms_deform_attn_int8: {name} must be positive, got {s}")
+    B, S, M, D, Q, L, P, G = _msda_shapes(value, spatial_shapes, reference_points, sampling_offsets,
+                                          attention_weights)
+    if D % 8:
+        raise ValueError(f"ms_deform_attn_int8: D must be a multiple of 8, got {D}")
+    value = value.contiguous()
+    ref = reference_points.to(torch.float32).contiguous()
+    off = sampling_offsets.contiguous()
+    aw = attention_weights.contiguous()
+    shapes = _shapes_i64(spatial_shapes, value.device)
+    out = _prepare_out("ms_deform_attn_int8", out, (B, Q, M, D), value)
+    if out.numel() == 0:
+        return out
+    if not _aligned(8, value, out):
+        value = value.clone()
+        if not _aligned(8, out):
+            raise ValueError("ms_deform_attn_int8: out must be 8-byte aligned")
+    _launch("msda", "msda_int8_v8", _grid1(B * Q * M * (D // 8)),
+            (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, _float_bits(value_scale),
+             _float_bits(offset_scale), _float_bits(weight_scale), _float_bits(out_scale), out), value.device)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rotate
+
+_ROTATE_CHANNELS_PER_THREAD = 8  # QK_ROTATE_RC in rotate.cu
+
+
+def rotate(img, angle, center, interpolation: int = 1, *, out=None):
+    """RotateTRT(2) on a CUDA tensor: img [C,H,W] (fp32 or fp16), angle 0-d (degrees), center [2] (x, y);
+    interpolation 0 bilinear, 1 nearest; zero fill. Angle and centre may be tensors or Python numbers.
+    """
+    import torch
+
+    if not isinstance(angle, torch.Tensor):
+        angle = torch.tensor(float(angle), device=img.device)
+    if not isinstance(center, torch.Tensor):
+        center = torch.tensor([float(c) for c in center], device=img.device)
+    _check_cuda("rotate", img, angle, center)
+    kind = _float_dtype("rotate", img)
+    if img.dim() != 3:
+        raise ValueError(f"rotate: img must be [C,H,W], got {tuple(img.shape)}")
+    if angle.numel() != 1 or center.numel() != 2:
+        raise ValueError("rotate: angle must hold one value and center two")
+    if int(interpolation) not in (0, 1):
+        raise ValueError(f"rotate: interpolation must be 0 (bilinear) or 1 (nearest), got {interpolation}")
+    C, H, W = img.shape
+    img = img.contiguous()
+    angle = angle.to(img.dtype).reshape(()).contiguous()
+    center = center.to(img.dtype).reshape(2).contiguous()
+    out = _prepare_out("rotate", out, (C, H, W), img)
+    if out.numel() == 0:
+        return out
+    grid = ((H * W + _BLOCK - 1) // _BLOCK, (C + _ROTATE_CHANNELS_PER_THREAD - 1) // _ROTATE_CHANNELS_PER_THREAD)
+    _launch("rotate", f"rotate_{kind}", grid, (img, angle, center, C, H, W, int(interpolation), out), img.device)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# ModulatedDeformableConv2d
+
+def _pair(v, name: str) -> Tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(x) for x in v)
+    if len(v) != 2:
+        raise ValueError(f"modulated_deform_conv2d: {name} must be an int or a pair")
+    return v
+
+
+def modulated_deform_conv2d(x, offset, mask, weight, bias=None, stride: Union[int, Sequence[int]] = (1, 1),
+                            padding: Union[int, Sequence[int]] = (1, 1),
+                            dilation: Union[int, Sequence[int]] = (1, 1), groups: int = 1, deform_groups: int = 1,
+                            *, out=None, impl: str = "im2col"):
+    """ModulatedDeformableConv2d (DCNv2, mmcv semantics) on CUDA tensors, fp32 or fp16.
+
+    x [N,C,H,W], offset [N,2*DG*KH*KW,Ho,Wo] ((dy,dx) per tap), mask [N,DG*KH*KW,Ho,Wo], weight
+    [OC,C/groups,KH,KW], bias [OC] or None -> [N,OC,Ho,Wo]. ``impl="im2col"`` builds the modulated column
+    matrix with a CUDA kernel and multiplies it with cuBLAS through torch; ``impl="direct"`` runs the
+    single-kernel form that a TensorRT AOT plugin embeds.
+    """
+    import torch
+
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=x.dtype, device=x.device)
+    _check_cuda("modulated_deform_conv2d", x, offset, mask, weight, bias)
+    kind = _float_dtype("modulated_deform_conv2d", x)
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError("modulated_deform_conv2d: x and weight must be 4-D")
+    N, C, H, W = x.shape
+    OC, Cg, KH, KW = weight.shape
+    groups, deform_groups = int(groups), int(deform_groups)
+    if groups < 1 or C % groups or OC % groups or Cg != C // groups:
+        raise ValueError(f"modulated_deform_conv2d: weight {tuple(weight.shape)} does not fit C={C}, groups={groups}")
+    if deform_groups < 1 or C % deform_groups:
+        raise ValueError(f"modulated_deform_conv2d: C={C} is not a multiple of deform_groups={deform_groups}")
+    Ho = (H + 2 * ph - (dh * (KH - 1) + 1)) // sh + 1
+    Wo = (W + 2 * pw - (dw * (KW - 1) + 1)) // sw + 1
+    K = KH * KW
+    if tuple(offset.shape) != (N, 2 * deform_groups * K, Ho, Wo) or tuple(mask.shape) != (N, deform_groups * K, Ho, Wo):
+        raise ValueError(f"modulated_deform_conv2d: offset must be {(N, 2 * deform_groups * K, Ho, Wo)} and mask "
+                         f"{(N, deform_groups * K, Ho, Wo)}, got {tuple(offset.shape)} and {tuple(mask.shape)}")
+    dt = x.dtype
+    x = x.contiguous()
+    offset = offset.to(dt).contiguous()
+    mask = mask.to(dt).contiguous()
+    weight = weight.to(dt).contiguous()
+    bias = bias.to(dt).contiguous()
+    out = _prepare_out("modulated_deform_conv2d", out, (N, OC, Ho, Wo), x)
+    if out.numel() == 0:
+        return out
+    if impl == "direct":
+        _launch("dcn", f"dcn_direct_{kind}", _grid1(N * OC * Ho * Wo),
+                (x, offset, mask, weight, bias, N, C, H, W, OC, KH, KW, Ho, Wo, sh, sw, ph, pw, dh, dw, groups,
+                 deform_groups, out), x.device)
+        return out
+    if impl != "im2col":
+        raise ValueError(f"modulated_deform_conv2d: impl must be 'im2col' or 'direct', got {impl!r}")
+    cols = torch.empty((N, C * K, Ho * Wo), dtype=dt, device=x.device)
+    _launch("dcn", f"dcn_im2col_{kind}", _grid1(N * C * Ho * Wo),
+            (x, offset, mask, N, C, H, W, KH, KW, Ho, Wo, sh, sw, ph, pw, dh, dw, deform_groups, cols), x.device)
+    w = weight.view(groups, OC // groups, Cg * K)
+    torch.matmul(w, cols.view(N, groups, Cg * K, Ho * Wo), out=out.view(N, groups, OC // groups, Ho * Wo))
+    out.add_(bias.view(1, OC, 1, 1))
+    return out

@@ -1,0 +1,57 @@
+// Shared device helpers for the qdqkit custom-op kernels.
+//
+// The sources are compiled three ways: by NVRTC at run time (the PyTorch path, through CuPy), by NVRTC or
+// nvcc to PTX for TensorRT's ahead-of-time plugins, and by nvcc on a CPU machine as a compile check. None of
+// these is guaranteed to see the CUDA headers, so half precision is handled here on raw 16-bit storage with
+// inline PTX conversions instead of <cuda_fp16.h>.
+#pragma once
+
+typedef unsigned short qk_half;   // IEEE binary16 bits
+typedef long long qk_i64;
+
+__device__ __forceinline__ float qk_h2f(qk_half h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ qk_half qk_f2h(float f) {
+    qk_half h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// Element access that reads/writes float arithmetic values whatever the storage type.
+__device__ __forceinline__ float qk_ld(const float* p) { return *p; }
+__device__ __forceinline__ float qk_ld(const qk_half* p) { return qk_h2f(*p); }
+__device__ __forceinline__ void qk_st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void qk_st(qk_half* p, float v) { *p = qk_f2h(v); }
+
+// A vector of N storage elements loaded or stored in one instruction when N*sizeof(T) is 4, 8 or 16 bytes.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) QkVec {
+    T v[N];
+};
+
+// Converts N elements of storage type T to float, unpacking half pairs with one conversion pair each.
+template <typename T, int N>
+__device__ __forceinline__ void qk_unpack(const QkVec<T, N>& src, float* dst) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = qk_ld(&src.v[i]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void qk_pack(const float* src, QkVec<T, N>& dst) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) qk_st(&dst.v[i], src[i]);
+}
+
+// Reinterprets a float carried through an int32 launch argument (TensorRT's AOT ABI has integer extras only).
+__device__ __forceinline__ float qk_bits_to_float(int bits) { return __int_as_float(bits); }
+
+__device__ __forceinline__ signed char qk_quantize_i8(float v) {
+    // QuantizeLinear semantics: round half to even, saturate to [-128, 127].
+    float r = rintf(v);
+    r = fminf(fmaxf(r, -128.0f), 127.0f);
+    return (signed char)(int)r;
+}
