@@ -10,11 +10,14 @@ from .detect_custom_ops import DetectCustomOpsPass
 from .infer_shapes import InferShapesPass
 from .simplify import SimplifyPass
 from .trt_plugin_domain import TrtPluginDomainPass
+from .qdq import QdqPass  # qdq engineer
+from .validate import ValidatePass  # qdq engineer
 
 
 @hookimpl
 def qdqkit_register_passes(registry):
-    for pass_cls in (DetectCustomOpsPass, TrtPluginDomainPass, InferShapesPass, SimplifyPass, CheckPass):
+    for pass_cls in (DetectCustomOpsPass, TrtPluginDomainPass, InferShapesPass, SimplifyPass, CheckPass,
+                     QdqPass, ValidatePass):
         registry.add(pass_cls)
 
 
@@ -32,3 +35,15 @@ def qdqkit_register_recipes(registry):
         [Step("detect-custom-ops"), Step("trt-plugin-domain"), Step("simplify"), Step("infer-shapes"),
          Step("check")],
     ))
+
+
+
+# --- exclusion patterns and quantization back ends (owner: qdq engineer) -----------------------------------------
+@hookimpl
+def qdqkit_register_rules(registry):
+    registry.add_builtins()  # "mha" and "layernorm", see qdqkit.patterns
+
+
+@hookimpl
+def qdqkit_register_quant_backends(registry):
+    registry.add_builtins()  # "modelopt" (default) and "ort", see qdqkit.quant_backends

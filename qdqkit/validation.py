@@ -1,0 +1,226 @@
+"""Numeric comparison of a float model and its quantized version, on held-out samples, in onnxruntime (CPU).
+
+Both models run with the registered custom-op CPU kernels. The quantized model runs as an *evaluation copy*
+(the model that is written out is never changed), corrected for what the CPU runtime does differently from
+TensorRT; each correction applied is listed in the result's ``notes``:
+  1. onnxruntime 1.24's CPU QuantizeLinear truncates float16 inputs toward zero instead of rounding (fixed
+     upstream later; TensorRT rounds): a Cast to float32 goes before every float16 QuantizeLinear (input and
+     scale).
+  2. A plugin that consumes INT8 (a QuantizeLinear feeds it directly) or produces INT8 (a DequantizeLinear reads
+     its output) cannot run on a float CPU kernel: the copy dequantizes before it / quantizes after it with the
+     same scale, which is the arithmetic the plugin performs internally.
+Sessions use basic graph optimizations only: onnxruntime's extended layer-norm fusion breaks on some fp16 Q/DQ
+graphs (it references casts it inserted itself), and the numbers must not depend on CPU-only fusions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from qdqkit.calib import CalibrationSource, require
+
+
+@dataclass
+class OutputStat:
+    """Figures for one model output over the compared samples."""
+
+    name: str
+    cosine_min: float
+    cosine_mean: float
+    snr_db: float
+    max_abs: float
+    passed: bool
+
+
+@dataclass
+class ValidationResult:
+    """Per-output figures, thresholds, and whether every output met them."""
+
+    outputs: list[OutputStat]
+    samples: tuple[int, int]
+    min_cosine: float
+    min_snr_db: float | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "samples": {"start": self.samples[0], "count": self.samples[1]},
+            "min_cosine": self.min_cosine,
+            "min_snr_db": self.min_snr_db,
+            "outputs": [o.__dict__ for o in self.outputs],
+            "notes": self.notes,
+        }
+
+    def table(self) -> str:
+        snr = "" if self.min_snr_db is None else f", SNR >= {self.min_snr_db} dB"
+        head = (f"validation on samples [{self.samples[0]}, {sum(self.samples)}) (held out), threshold: "
+                f"cosine >= {self.min_cosine} on the worst sample{snr}")
+        rows = [f"{'output':<24} {'cos(min)':>9} {'cos(mean)':>9} {'SNR dB':>8} {'max|err|':>10}  ok"]
+        for o in self.outputs:
+            rows.append(f"{o.name:<24} {o.cosine_min:>9.5f} {o.cosine_mean:>9.5f} {o.snr_db:>8.2f} {o.max_abs:>10.4g}"
+                        f"  {'yes' if o.passed else 'NO'}")
+        return "\n".join([head, *rows, *(f"note: {n}" for n in self.notes)])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def evaluation_copy(model: onnx.ModelProto, registry: Any = None) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of a Q/DQ model corrected for CPU evaluation (module docstring, cases 1 and 2), with notes."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    notes: list[str] = []
+    g = m.graph
+    types = _elem_types(m)
+    new_nodes: list[onnx.NodeProto] = []
+    fixed_fp16 = 0
+    for n in g.node:
+        if n.op_type == "QuantizeLinear" and types.get(n.input[0]) == TensorProto.FLOAT16:
+            for i in (0, 1):
+                cast_out = f"{n.input[i]}__qdqkit_eval_f32_{n.name}"
+                new_nodes.append(helper.make_node("Cast", [n.input[i]], [cast_out], to=TensorProto.FLOAT,
+                                                  name=f"{n.name}__qdqkit_eval_cast{i}"))
+                n.input[i] = cast_out
+            fixed_fp16 += 1
+        new_nodes.append(n)
+    if fixed_fp16:
+        notes.append(f"{fixed_fp16} float16 QuantizeLinear evaluated in float32 (onnxruntime 1.24 CPU truncates "
+                     "float16 instead of rounding; TensorRT rounds)")
+    del g.node[:]
+    g.node.extend(new_nodes)
+    if registry is not None:
+        fixed_plugins = _dequantize_plugin_int8_io(m, registry)
+        if fixed_plugins:
+            notes.append(f"INT8 plugin inputs/outputs evaluated through float kernels with the same scales: "
+                         f"{', '.join(fixed_plugins)}")
+    return m, notes
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    g = inferred.graph
+    out = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    out.update({t.name: t.data_type for t in g.initializer})
+    for n in g.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = a.t.data_type
+    return out
+
+
+def _dequantize_plugin_int8_io(m: onnx.ModelProto, registry: Any) -> list[str]:
+    g = m.graph
+    producer = {t: n for n in g.node for t in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    fixed: list[str] = []
+    out_nodes: list[onnx.NodeProto] = []
+    for n in g.node:
+        spec = registry.lookup(n.domain, n.op_type)
+        if spec is None:
+            out_nodes.append(n)
+            continue
+        for i, t in enumerate(n.input):
+            q = producer.get(t)
+            if q is not None and q.op_type == "QuantizeLinear":
+                deq = f"{t}__qdqkit_eval_dq"
+                out_nodes.append(helper.make_node("DequantizeLinear", [t, *q.input[1:3]], [deq],
+                                                  name=f"{n.name}__qdqkit_eval_dq{i}"))
+                n.input[i] = deq
+                fixed.append(f"{n.name}:in{i}")
+        out_nodes.append(n)
+        for j, t in enumerate(n.output):
+            users = consumers.get(t, [])
+            if users and all(u.op_type == "DequantizeLinear" for u in users):
+                raw = f"{t}__qdqkit_eval_float"
+                n.output[j] = raw
+                dq = users[0]
+                out_nodes.append(helper.make_node("QuantizeLinear", [raw, *dq.input[1:3]], [t],
+                                                  name=f"{n.name}__qdqkit_eval_q{j}"))
+                fixed.append(f"{n.name}:out{j}")
+                for vi in list(g.value_info):
+                    if vi.name == t:
+                        g.value_info.remove(vi)
+    del g.node[:]
+    g.node.extend(out_nodes)
+    return fixed
+
+
+def _session(model: onnx.ModelProto, registry: Any) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
+    if registry is not None:
+        return registry.session(model, sess_options=so)
+    return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def compare(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    source: CalibrationSource,
+    registry: Any,
+    start: int,
+    count: int,
+    min_cosine: float = 0.99,
+    min_snr_db: float | None = None,
+) -> ValidationResult:
+    """Run both models on samples ``[start, start + count)`` of ``source`` and compare every output.
+
+    Cosine similarity is computed per sample and the worst sample is held against ``min_cosine``; SNR (dB) is
+    signal power over error power across all samples; max abs error across all samples.
+    """
+    require(source, start, count, "validation")
+    quant_eval, notes = evaluation_copy(quant_model, registry)
+    s_float = _session(float_model, registry)
+    s_quant = _session(quant_eval, registry)
+    names = [o.name for o in s_float.get_outputs()]
+    qnames = {o.name for o in s_quant.get_outputs()}
+    missing = [n for n in names if n not in qnames]
+    if missing:
+        raise ValueError(f"the quantized model lacks output(s) {', '.join(missing)} of the float model")
+    in_float = {i.name for i in s_float.get_inputs()}
+    in_quant = {i.name for i in s_quant.get_inputs()}
+    cos: dict[str, list[float]] = {n: [] for n in names}
+    sig = dict.fromkeys(names, 0.0)
+    err = dict.fromkeys(names, 0.0)
+    mx = dict.fromkeys(names, 0.0)
+    for i in range(start, start + count):
+        sample = source.sample(i)
+        a = s_float.run(names, {k: v for k, v in sample.items() if k in in_float})
+        b = s_quant.run(names, {k: v for k, v in sample.items() if k in in_quant})
+        for n, x, y in zip(names, a, b):
+            x = np.asarray(x, np.float64).ravel()
+            y = np.asarray(y, np.float64).ravel()
+            d = x - y
+            nx_, ny_ = np.linalg.norm(x), np.linalg.norm(y)
+            cos[n].append(float(x @ y / (nx_ * ny_)) if nx_ > 0 and ny_ > 0 else float(nx_ == ny_))
+            sig[n] += float(x @ x)
+            err[n] += float(d @ d)
+            mx[n] = max(mx[n], float(np.abs(d).max(initial=0.0)))
+    stats = []
+    for n in names:
+        snr = float("inf") if err[n] == 0 else 10 * np.log10(max(sig[n], 1e-300) / err[n])
+        ok = min(cos[n]) >= min_cosine and (min_snr_db is None or snr >= min_snr_db)
+        if not np.isfinite(min(cos[n])):
+            ok = False
+        stats.append(OutputStat(n, min(cos[n]), float(np.mean(cos[n])), float(snr), mx[n], bool(ok)))
+    return ValidationResult(stats, (start, count), min_cosine, min_snr_db, notes)
