@@ -298,7 +298,7 @@ class CustomOpRegistry:
         """Add a spec; a key already held by a different spec is a contract error naming both."""
         if not isinstance(spec, CustomOpSpec):
             raise PassContractError(f"plugin '{self.current_plugin}' registered {spec!r}, not a CustomOpSpec")
-        if spec in self._specs:
+        if any(s is spec for s in self._specs):
             return
         for key in spec.keys:
             other = self._by_key.get(key)
@@ -387,10 +387,10 @@ class CustomOpRegistry:
         """Whether ``model`` holds any node a spec answers for (i.e. onnxruntime would need our help)."""
         return next(self.custom_nodes(model), None) is not None
 
-    def _attach_functions(self, model: onnx.ModelProto) -> set[CustomOpSpec]:
+    def _attach_functions(self, model: onnx.ModelProto) -> list[CustomOpSpec]:
         opset = default_opset(model)
         wanted: dict[tuple[str, str], CustomOpSpec] = {}
-        kernels: set[CustomOpSpec] = set()
+        kernels: dict[int, CustomOpSpec] = {}  # specs hold dicts, so they are not hashable
         missing: list[str] = []
         for node, spec in list(self.custom_nodes(model)):
             if _is_default(node.domain):
@@ -398,7 +398,7 @@ class CustomOpRegistry:
             if spec.function is not None:
                 wanted[(node.domain, node.op_type)] = spec
             elif spec.python_kernel is not None:
-                kernels.add(spec)
+                kernels[id(spec)] = spec
             else:
                 missing.append(node.op_type)
         if missing:
@@ -416,10 +416,10 @@ class CustomOpRegistry:
             model.functions.append(fn)
         domains = {o.domain for o in model.opset_import}
         for domain in sorted({d for d, _ in wanted} | {(s.domain if not _is_default(s.domain) else
-                                                         TRT_PLUGIN_DOMAIN) for s in kernels}):
+                                                         TRT_PLUGIN_DOMAIN) for s in kernels.values()}):
             if domain not in domains:
                 model.opset_import.append(_helper.make_opsetid(domain, 1))
-        return kernels
+        return list(kernels.values())
 
     def strip_functions(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """Remove (in place) the model-local functions that back registered custom ops; returns ``model``."""
@@ -517,7 +517,7 @@ _ORT_EXT_TYPES = {
 _ORT_EXT_ATTRS = {"int": "dt_int64", "float": "dt_float", "string": "dt_string"}
 
 
-def _with_python_kernels(specs: set[CustomOpSpec], sess_options: Any) -> Any:
+def _with_python_kernels(specs: list[CustomOpSpec], sess_options: Any) -> Any:
     try:
         import onnxruntime_extensions as ortx
     except ImportError:
