@@ -138,12 +138,13 @@ def ms_deform_attn_function(opset: int, sampler: str | None = None) -> onnx.Func
     B, S, M, D = (b.dim(vshape, i) for i in range(4))
     Q = b.dim(b.Shape(offs), 1)
     LP = b.dim(b.Shape(logits), 3)
-    L = b.dim(b.Shape("spatial_shapes"), 0)
+    shapes = b.Cast("spatial_shapes", to=INT64)  # int32 in TensorRT-8-era models
+    L = b.dim(b.Shape(shapes), 0)
     P = b.Div(LP, L)
     G = b.Div(b.dim(b.Shape(refs), 3), b.const([2]))
 
-    Hs = b.Gather("spatial_shapes", b.const(0), axis=1)  # [L] int64
-    Ws = b.Gather("spatial_shapes", b.const(1), axis=1)
+    Hs = b.Gather(shapes, b.const(0), axis=1)  # [L] int64
+    Ws = b.Gather(shapes, b.const(1), axis=1)
     Hf = b.Unsqueeze(b.to_float(Hs), b.const([1]))  # [L, 1], broadcasts over [.., L, P]
     Wf = b.Unsqueeze(b.to_float(Ws), b.const([1]))
 

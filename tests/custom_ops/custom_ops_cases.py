@@ -56,7 +56,7 @@ def one_node_model(op_type: str, inputs: list[np.ndarray], attrs: dict, opset: i
         op_type,
         [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
          for n, a in zip(names, inputs)],
-        [helper.make_tensor_value_info("out", onnx.TensorProto.UNDEFINED, None)],
+        [onnx.ValueInfoProto(name="out")],  # left to shape inference
     )
     imports = [helper.make_opsetid("", opset)]
     if domain:
