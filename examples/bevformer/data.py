@@ -249,6 +249,21 @@ def generate_sequence(frames: int, bev_fn: BevFn, cfg: BEVFormerConfig = TINY, s
     return {k: np.concatenate(v, 0) for k, v in cols.items()}
 
 
+def onnx_bev_fn(onnx_path: str | os.PathLike) -> BevFn:
+    """``bev_fn`` running the exported FP32 ONNX model in onnxruntime on the CPU, with the custom ops' registered
+    CPU kernels (what DL4AGX does with its FP32 engine; faster than the PyTorch forward here)."""
+    import onnx
+
+    from qdqkit.plugins import Session
+
+    session = Session.start().custom_ops.session(onnx.load(str(onnx_path)))
+
+    def run(sample):
+        return session.run(["bev_embed"], {k: np.ascontiguousarray(sample[k]) for k in INPUT_NAMES})[0]
+
+    return run
+
+
 def torch_bev_fn(model) -> BevFn:
     """``bev_fn`` running the PyTorch model (FP32)."""
     import torch
@@ -273,6 +288,7 @@ def save_npz(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     try:
         with open(tmp, "wb") as f:
             np.savez(f, **{k: arrays[k] for k in INPUT_NAMES})
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -289,6 +305,7 @@ def save_folder(arrays: dict[str, np.ndarray], folder: str | os.PathLike, meta: 
             np.save(tmp / f"{k}.npy", arrays[k])
         frames = int(arrays["image"].shape[0])
         (tmp / "meta.json").write_text(json.dumps({"frames": frames, **(meta or {})}, indent=1))
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
         if folder.exists():
             import shutil
 

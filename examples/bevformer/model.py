@@ -176,7 +176,7 @@ class TemporalSelfAttention(nn.Module):
 
     def forward(self, query, query_pos, prev_bev_stack, use_prev_bev, ref_2d):
         cfg, nq, m, p = self.cfg, self.num_bev_queue, self.cfg.num_heads, self.cfg.tsa_points
-        _, n, e = query.shape
+        n, e = cfg.bev_h * cfg.bev_w, cfg.embed_dims
         # The queue holds [rotated previous BEV, initial BEV query] when the frame continues a scene; at a scene
         # start the gate swaps in the current query twice, exactly as the plugin port does (no Python branch).
         value = use_prev_bev * prev_bev_stack + (1.0 - use_prev_bev) * torch.cat([query, query], 0)
@@ -189,7 +189,8 @@ class TemporalSelfAttention(nn.Module):
         aw = self.attention_weights(qcat).view(1, n, m, nq, 1, p).permute(0, 3, 1, 2, 4, 5)
         aw = aw.reshape(nq, n, m, p)
         out = _msda(v, _spatial_shapes(cfg.bev_h, cfg.bev_w), ref_2d, off, aw, self.variant)
-        out = out.flatten(2).mean(0, keepdim=True)
+        # Sizes from the config, not from tensors: a traced x.shape of a custom op's output stays a Shape node.
+        out = out.reshape(nq, n, e).mean(0, keepdim=True)
         return self.output_proj(out) + identity
 
 
@@ -207,7 +208,7 @@ class MSDeformableAttention3D(nn.Module):
 
     def forward(self, query, value, ref_cam):
         cfg, m, p = self.cfg, self.cfg.num_heads, self.cfg.sca_points
-        cams, n, e = query.shape
+        cams, n, e = cfg.num_cams, cfg.bev_h * cfg.bev_w, cfg.embed_dims
         fh, fw = cfg.feat_hw
         v = self.value_proj(value).view(cams, fh * fw, m, e // m)
         off = self.sampling_offsets(query).view(cams, n, m, p * 2)
@@ -226,9 +227,10 @@ class SpatialCrossAttention(nn.Module):
         self.output_proj = nn.Linear(cfg.embed_dims, cfg.embed_dims)
 
     def forward(self, query, feat, ref_cam, bev_mask):
-        cams = self.cfg.num_cams
+        cfg = self.cfg
+        cams = cfg.num_cams
         q6 = query.repeat(cams, 1, 1)
-        out = self.deformable_attention(q6, feat, ref_cam).flatten(2)
+        out = self.deformable_attention(q6, feat, ref_cam).reshape(cams, cfg.bev_h * cfg.bev_w, cfg.embed_dims)
         # bev_mask already holds 1/(number of cameras that see the query), so the sum is the upstream average.
         slots = (out * bev_mask).sum(0, keepdim=True)
         return self.output_proj(slots) + query
@@ -249,14 +251,14 @@ class CustomMSDeformableAttention(nn.Module):
 
     def forward(self, query, query_pos, bev, ref_in):
         cfg, m, p = self.cfg, self.cfg.num_heads, self.cfg.dec_points
-        n, _, e = query.shape
+        n, e = cfg.num_query, cfg.embed_dims
         identity = query
         q = (query + query_pos).permute(1, 0, 2)
         v = self.value_proj(bev.permute(1, 0, 2)).view(1, cfg.bev_h * cfg.bev_w, m, e // m)
         off = self.sampling_offsets(q).view(1, n, m, p * 2)
         aw = self.attention_weights(q).view(1, n, m, p)
         out = _msda(v, _spatial_shapes(cfg.bev_h, cfg.bev_w), ref_in, off, aw, self.variant)
-        out = self.output_proj(out.flatten(2)).permute(1, 0, 2)
+        out = self.output_proj(out.reshape(1, n, e)).permute(1, 0, 2)
         return out + identity
 
 
@@ -269,7 +271,8 @@ class MultiheadAttention(nn.Module):
 
     def forward(self, query, query_pos):
         q = query + query_pos
-        return query + self.attn(q, q, query, need_weights=False)[0]
+        # need_weights=True as mmcv calls it: the explicit bmm-softmax-bmm path, which opset 13 can express.
+        return query + self.attn(q, q, query)[0]
 
 
 class FFN(nn.Module):
@@ -464,7 +467,7 @@ class PerceptionTransformer(nn.Module):
         prev_rot = self.rotate_prev_bev(prev_bev, can_bus[17])
         bev_queries = bev_queries.unsqueeze(1) + self.can_bus_mlp(can_bus.view(1, 18))[None]
         fh, fw = cfg.feat_hw
-        feat = feats.flatten(3).permute(1, 0, 3, 2)  # [cams, 1, HW', C]
+        feat = feats.reshape(1, cfg.num_cams, cfg.embed_dims, fh * fw).permute(1, 0, 3, 2)  # [cams, 1, HW', C]
         feat = feat + self.cams_embeds[:, None, None, :] + self.level_embeds[None, None, 0:1, :]
         feat = feat.reshape(cfg.num_cams, fh * fw, cfg.embed_dims)
         bev_embed = self.encoder(bev_queries, bev_pos, feat, prev_rot, shift, use_prev_bev, lidar2img)
