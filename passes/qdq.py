@@ -106,6 +106,7 @@ class QdqPass(Pass):
             if node.name in domains:
                 node.domain = domains[node.name]
         registry.strip_functions(quant)
+        _retype_int8_plugin_outputs(quant, registry)
         plugin_check = check_plugin_precision(quant, registry, plan)
         downstream = check_downstream_of_custom_ops(quant, registry, set(resolution.excluded))
         if downstream["weight_only"]:
@@ -207,6 +208,26 @@ def _as_trt_would_see_it(model: onnx.ModelProto, registry: Any) -> tuple[onnx.Mo
             "back end would silently leave everything downstream unquantized. Fix the spec's `infer`"
         )
     return work, domains
+
+
+def _retype_int8_plugin_outputs(model: onnx.ModelProto, registry: Any) -> None:
+    """A plugin output read only by DequantizeLinear is INT8 (the plugin quantizes it): say so in value_info.
+
+    ModelOpt leaves the float type there, which the full checker rejects against the DequantizeLinear.
+    """
+    readers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n.op_type)
+    int8 = {t for n, _ in registry.custom_nodes(model) for t in n.output
+            if readers.get(t) and all(r == "DequantizeLinear" for r in readers[t])}
+    typed = set()
+    for vi in model.graph.value_info:
+        if vi.name in int8:
+            vi.type.tensor_type.elem_type = onnx.TensorProto.INT8
+            typed.add(vi.name)
+    for t in sorted(int8 - typed):
+        model.graph.value_info.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.INT8, None))
 
 
 def _types(model: onnx.ModelProto) -> dict[str, int]:

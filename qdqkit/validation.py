@@ -8,7 +8,7 @@ TensorRT; each correction applied is listed in the result's ``notes``:
      scale).
   2. A plugin that consumes INT8 (a QuantizeLinear feeds it directly) or produces INT8 (a DequantizeLinear reads
      its output) cannot run on a float CPU kernel: the copy dequantizes before it / quantizes after it with the
-     same scale, which is the arithmetic the plugin performs internally.
+     same scale (the arithmetic the plugin performs internally) and runs that node's kernel in float32.
 Sessions use basic graph optimizations only: onnxruntime's extended layer-norm fusion breaks on some fp16 Q/DQ
 graphs (it references casts it inserted itself), and the numbers must not depend on CPU-only fusions.
 """
@@ -123,7 +123,9 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _dequantize_plugin_int8_io(m: onnx.ModelProto, registry: Any) -> list[str]:
+    """Rewrite, in the evaluation copy, each custom node with INT8 I/O to run in float32 between DQ and Q."""
     g = m.graph
+    types = _elem_types(m)
     producer = {t: n for n in g.node for t in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
@@ -133,30 +135,48 @@ def _dequantize_plugin_int8_io(m: onnx.ModelProto, registry: Any) -> list[str]:
     out_nodes: list[onnx.NodeProto] = []
     for n in g.node:
         spec = registry.lookup(n.domain, n.op_type)
-        if spec is None:
+        int8_in = [i for i, t in enumerate(n.input) if (p := producer.get(t)) is not None and p.op_type == "QuantizeLinear"]
+        int8_out = [j for j, t in enumerate(n.output)
+                    if consumers.get(t) and all(u.op_type == "DequantizeLinear" for u in consumers[t])]
+        if spec is None or not (int8_in or int8_out):
             out_nodes.append(n)
             continue
+        tag = f"__qdqkit_eval_{n.name}"
         for i, t in enumerate(n.input):
-            q = producer.get(t)
-            if q is not None and q.op_type == "QuantizeLinear":
-                deq = f"{t}__qdqkit_eval_dq"
-                out_nodes.append(helper.make_node("DequantizeLinear", [t, *q.input[1:3]], [deq],
-                                                  name=f"{n.name}__qdqkit_eval_dq{i}"))
-                n.input[i] = deq
+            if i in int8_in:
+                q = producer[t]
+                deq = f"{t}{tag}_dq"
+                out_nodes.append(helper.make_node("DequantizeLinear", [t, *q.input[1:3]], [deq], name=f"{deq}_node"))
+                t_float = deq
+            elif types.get(t) == TensorProto.FLOAT16:
+                t_float = t
+            else:
+                continue
+            f32 = f"{t}{tag}_f32_{i}"
+            out_nodes.append(helper.make_node("Cast", [t_float], [f32], to=TensorProto.FLOAT, name=f"{f32}_node"))
+            n.input[i] = f32
+            if i in int8_in:
                 fixed.append(f"{n.name}:in{i}")
         out_nodes.append(n)
         for j, t in enumerate(n.output):
-            users = consumers.get(t, [])
-            if users and all(u.op_type == "DequantizeLinear" for u in users):
-                raw = f"{t}__qdqkit_eval_float"
-                n.output[j] = raw
-                dq = users[0]
-                out_nodes.append(helper.make_node("QuantizeLinear", [raw, *dq.input[1:3]], [t],
-                                                  name=f"{n.name}__qdqkit_eval_q{j}"))
+            raw = f"{t}{tag}_raw{j}"
+            n.output[j] = raw
+            if j in int8_out:
+                dq = consumers[t][0]
+                scale = f"{dq.input[1]}{tag}_f32"
+                out_nodes.append(helper.make_node("Cast", [dq.input[1]], [scale], to=TensorProto.FLOAT,
+                                                  name=f"{scale}_node"))
+                out_nodes.append(helper.make_node("QuantizeLinear", [raw, scale, *dq.input[2:3]], [t],
+                                                  name=f"{raw}_q"))
                 fixed.append(f"{n.name}:out{j}")
-                for vi in list(g.value_info):
-                    if vi.name == t:
-                        g.value_info.remove(vi)
+            else:
+                to = types.get(t, TensorProto.FLOAT) or TensorProto.FLOAT
+                out_nodes.append(helper.make_node("Cast", [raw], [t], to=to, name=f"{raw}_cast"))
+    # plugin outputs that now pass through a Q have stale float value_info: let inference redo them
+    int8_tensors = {t for n in out_nodes if n.op_type == "QuantizeLinear" for t in n.output}
+    for vi in list(g.value_info):
+        if vi.name in int8_tensors:
+            g.value_info.remove(vi)
     del g.node[:]
     g.node.extend(out_nodes)
     return fixed
