@@ -48,7 +48,7 @@ def msda_inputs(case, seed: int = 0, spread: float = 0.15, dtype=np.float32):
 
 
 def one_node_model(op_type: str, inputs: list[np.ndarray], attrs: dict, opset: int, domain: str = "") -> onnx.ModelProto:
-    """A model of a single custom node with typed, shaped inputs and an untyped output."""
+    """A model of a single custom node with typed, shaped inputs and an output of unknown dimensions."""
     names = [f"in{i}" for i in range(len(inputs))]
     node = helper.make_node(op_type, names, ["out"], domain=domain, **attrs)
     graph = helper.make_graph(
@@ -56,7 +56,8 @@ def one_node_model(op_type: str, inputs: list[np.ndarray], attrs: dict, opset: i
         op_type,
         [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
          for n, a in zip(names, inputs)],
-        [onnx.ValueInfoProto(name="out")],  # left to shape inference
+        [helper.make_tensor_value_info("out", helper.np_dtype_to_tensor_dtype(inputs[0].dtype),
+                                        [None] * inputs[0].ndim)],  # every op keeps input 0's rank
     )
     imports = [helper.make_opsetid("", opset)]
     if domain:
