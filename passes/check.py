@@ -8,7 +8,7 @@ from typing import Any
 import onnx
 
 from qdqkit.errors import ValidationFailed
-from qdqkit.model import structure_only
+from qdqkit.model import run_checker
 from qdqkit.pass_infra import Pass, PassContext, PassResult
 
 
@@ -35,7 +35,7 @@ class CheckPass(Pass):
     def run(self, model: Any, ctx: PassContext) -> PassResult:
         ctx.custom_ops.register_onnx_schemas()
         try:
-            onnx.checker.check_model(structure_only(model.proto), full_check=self.options.full)
+            run_checker(model.proto, full_check=self.options.full)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValidationFailed(f"the model fails the ONNX checker: {first}") from None

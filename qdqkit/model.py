@@ -10,6 +10,7 @@ only once complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -236,6 +237,12 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
             os.replace(tmp_data, folder / location)
         os.replace(tmp_model, path)
         tmp_files.clear()
+    except PermissionError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}; choose a writable output folder") from None
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.ENOENT, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
     finally:
         for leftover in tmp_files:
             with contextlib.suppress(OSError):
@@ -274,14 +281,18 @@ def _write_external(proto: onnx.ModelProto, f: Any, location: str) -> onnx.Model
     return skeleton
 
 
+ELIDED_LOCATION = "qdqkit-elided.bin"
+
+
 def structure_only(proto: onnx.ModelProto, threshold: int = EXTERNAL_THRESHOLD) -> onnx.ModelProto:
     """A copy without the bytes of large initializers (dims and types kept), always under 2 GB.
 
-    Enough for the checker and shape inference; the elided tensors are marked as external so that onnx does
-    not mistake them for empty ones.
+    Enough for shape inference. The elided tensors are marked as external data in ``ELIDED_LOCATION`` at
+    consecutive offsets, so ``run_checker`` can stand a sparse file of that size in for them.
     """
     skeleton = _shell(proto)
     sg = skeleton.graph
+    offset = 0
     for t in proto.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() < threshold:
             sg.initializer.append(t)
@@ -290,9 +301,44 @@ def structure_only(proto: onnx.ModelProto, threshold: int = EXTERNAL_THRESHOLD) 
         st.name, st.data_type = t.name, t.data_type
         st.dims.extend(t.dims)
         st.data_location = onnx.TensorProto.EXTERNAL
-        entry = st.external_data.add()
-        entry.key, entry.value = "location", "qdqkit-elided"
+        length = _nbytes(t)
+        for key, value in (("location", ELIDED_LOCATION), ("offset", str(offset)), ("length", str(length))):
+            entry = st.external_data.add()
+            entry.key, entry.value = key, value
+        offset += length
     return skeleton
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    count = 1
+    for d in t.dims:
+        count *= d
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return count * itemsize
+
+
+def run_checker(proto: onnx.ModelProto, *, full_check: bool = False) -> None:
+    """``onnx.checker.check_model`` that also works past 2 GB (the weights' bytes are not what it checks).
+
+    A large model is checked from a data-less copy on disk whose external tensors point into a sparse file of
+    the right size, so no weight is copied or written.
+    """
+    if not is_large(proto):
+        onnx.checker.check_model(proto, full_check=full_check)
+        return
+    skeleton = structure_only(proto)
+    end = 0
+    for t in skeleton.graph.initializer:
+        entries = {e.key: e.value for e in t.external_data}
+        if entries.get("location") == ELIDED_LOCATION:
+            end = max(end, int(entries["offset"]) + int(entries["length"]))
+    with tempfile.TemporaryDirectory(prefix="qdqkit-check-") as folder:
+        with open(os.path.join(folder, ELIDED_LOCATION), "wb") as f:
+            f.truncate(end)
+        path = os.path.join(folder, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(skeleton.SerializeToString())
+        onnx.checker.check_model(path, full_check=full_check)
 
 
 def is_large(proto: onnx.ModelProto) -> bool:

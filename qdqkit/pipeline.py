@@ -20,7 +20,6 @@ after each such pass.
 
 from __future__ import annotations
 
-import re
 import time
 import tomllib
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from typing import Any
 import onnx
 
 from qdqkit.errors import PassContractError, UserError, ValidationFailed
-from qdqkit.model import ModelHandle, save_model, structure_only
+from qdqkit.model import ModelHandle, run_checker, save_model
 from qdqkit.pass_infra import Pass, PassContext, PassRegistry, PassResult
 
 # keys of ``qdqkit apply`` flags that belong to the quantization / validation steps
@@ -259,10 +258,8 @@ def _large(model: ModelHandle) -> bool:
 def verify(model: ModelHandle, after: str) -> None:
     """onnx.checker (with the registered custom-op schemas) on the model; raises ValidationFailed naming the pass."""
     try:
-        onnx.checker.check_model(structure_only(model.proto))
+        run_checker(model.proto)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValidationFailed(f"after pass '{after}' the model fails the ONNX checker: {first}") from exc
 
-
-_OPTION_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
