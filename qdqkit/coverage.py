@@ -75,7 +75,7 @@ def qdq_summary(model: onnx.ModelProto, registry: Any = None) -> dict[str, Any]:
     counts = Counter(n.op_type for n in g.node)
     by_op: dict[str, dict[str, int]] = {}
     for n in g.node:
-        if n.op_type in QDQ_OPS:
+        if n.op_type in QDQ_OPS or n.op_type == "Cast":  # a Cast only carries the DQ output on to its consumer
             continue
         k = sum(1 for t in n.input if t and (p := through_cast(t)) is not None and p.op_type == "DequantizeLinear")
         if k:
