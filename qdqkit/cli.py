@@ -226,7 +226,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 report.set("passes", [r.to_dict() for r in records])
                 _fill_state(report, ctx)
                 report.set("conversions", model.conversions)
-            progress("saving")
+            progress(f"[save] {out}")
             model.save(out, external_data=True if args.external_data else None)
     except ValidationFailed as exc:
         report.set("failed", str(exc))

@@ -200,6 +200,13 @@ def check_output_path(path: Path, source: Path | None) -> None:
         raise UserError(f"output folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"output folder {parent} is not writable")
+    # permission bits do not tell the whole story (root, read-only mounts, /proc): probe with a real file
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".qdqkit-probe-", dir=parent)
+    except OSError as exc:
+        raise UserError(f"output folder {parent} is not writable ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def save_model(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False) -> None:
