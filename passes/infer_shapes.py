@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qdqkit.customops import NODE_UNKNOWN, classify_nodes
+from qdqkit.customops import NODE_CONTRIB, NODE_UNKNOWN, classify_nodes
 from qdqkit.errors import UserError
 from qdqkit.model import structure_only
 from qdqkit.pass_infra import Pass, PassContext, PassResult
@@ -35,7 +35,8 @@ class InferShapesPass(Pass):
     1. Custom ops with a spec are inferred through their registered schema (the spec's ``infer``).
     2. A custom op without a spec stops the pass with an error naming the op and how to register one, unless
        ``fallback`` is "run" (actual shapes from one onnxruntime run on zero-filled inputs) or "guess" (outputs
-       copied from the first input, every guess listed in the stats under ``guessed``).
+       copied from the first input, every guess listed in the stats under ``guessed``). The fallbacks also
+       cover onnxruntime contrib ops whose outputs onnx cannot type (without a fallback they are only counted).
     3. Inference runs on a copy without large weights, so models over 2 GB work; only ``value_info`` and the
        graph outputs' types of the model are rewritten.
     ``modified`` is True when ``value_info`` or an output type changed. Tensors still lacking a type or a shape
@@ -68,15 +69,24 @@ class InferShapesPass(Pass):
             )
         before = _signature(proto)
         stats: dict[str, Any] = {}
-        hints: list[onnx.ValueInfoProto] = []
-        if unknown and opts.fallback == "run":
-            hints = _measure(proto, unknown, ctx, opts.ort_custom_op_libraries)
-            stats["measured"] = len(hints)
-        inferred = _infer(proto, hints, opts.data_prop)
-        if unknown and opts.fallback == "guess":
-            guesses = _guess(inferred, unknown)
-            stats["guessed"] = [{"tensor": g.name, "op": op} for g, op in guesses]
-            inferred = _infer(proto, [g for g, _ in guesses], opts.data_prop)
+        inferred = _infer(proto, [], opts.data_prop)
+        if opts.fallback != "error":
+            # onnxruntime contrib ops have no onnx schema either: treat those left untyped like unknown ops
+            typed = {v.name for v in (*inferred.graph.value_info, *inferred.graph.output)
+                     if v.type.tensor_type.elem_type}
+            contrib = [n for n in proto.graph.node
+                       if census["nodes"].get(n.name, {}).get("class") == NODE_CONTRIB
+                       and any(o and o not in typed for o in n.output)]
+            chosen = {id(n) for n in (*unknown, *contrib)}
+            targets = [n for n in proto.graph.node if id(n) in chosen]
+            if targets and opts.fallback == "run":
+                hints = _measure(proto, targets, ctx, opts.ort_custom_op_libraries)
+                stats["measured"] = len(hints)
+                inferred = _infer(proto, hints, opts.data_prop)
+            elif targets:
+                guesses = _guess(inferred, targets)
+                stats["guessed"] = [{"tensor": g.name, "op": op} for g, op in guesses]
+                inferred = _infer(proto, [g for g, _ in guesses], opts.data_prop)
         _adopt(proto, inferred)
         untyped, unshaped = _gaps(proto)
         stats.update({"value_info": len(proto.graph.value_info), "untyped": len(untyped),
@@ -85,7 +95,7 @@ class InferShapesPass(Pass):
             stats["untyped_names"] = untyped[:10]
         if unshaped:
             stats["unshaped_names"] = unshaped[:10]
-        if unknown and opts.fallback == "guess":
+        if stats.get("guessed"):
             ctx.state.setdefault(self.name, {})["guessed"] = stats["guessed"]
         return PassResult(modified=_signature(proto) != before, stats=stats)
 

@@ -102,7 +102,10 @@ def big_model(total_bytes: int, width: int = 4096, seed: int = 0) -> onnx.ModelP
     nodes, inits = [], []
     h = "x"
     for i in range(n):
-        inits.append(_init(f"w{i}", (rng.standard_normal((width, width), dtype=np.float32) / np.sqrt(width))))
+        w = rng.standard_normal((width, width), dtype=np.float32)
+        w *= np.float32(1.0 / np.sqrt(width))
+        inits.append(_init(f"w{i}", w))
+        del w
         nodes += [helper.make_node("MatMul", [h, f"w{i}"], [f"mm{i}"], name=f"l{i}/matmul"),
                   helper.make_node("ToyScaleTRT", [f"mm{i}"], [f"h{i}"], name=f"l{i}/toyscale", scale=1.0, shift=0.0)]
         h = f"h{i}"
