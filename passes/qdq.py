@@ -294,6 +294,19 @@ def check_downstream_of_custom_ops(model: onnx.ModelProto, registry: Any, exclud
             p = producer.get(p.input[0])
         return p is not None and p.op_type == "DequantizeLinear"
 
+    inits = {t.name for t in model.graph.initializer}
+
+    def dq_weight(t: str) -> bool:
+        """A DequantizeLinear of an initializer (directly, or of a QuantizeLinear of one)."""
+        if not dq(t):
+            return False
+        p = producer.get(t)
+        while p.op_type == "Cast":
+            p = producer[p.input[0]]
+        src = p.input[0]
+        q = producer.get(src)
+        return src in inits or (q is not None and q.op_type == "QuantizeLinear" and q.input[0] in inits)
+
     result: dict[str, list[str]] = {"int8": [], "excluded": [], "left_by_backend": [], "weight_only": []}
     for n in down:
         if n.op_type not in COMPUTE_OPS:
@@ -301,7 +314,7 @@ def check_downstream_of_custom_ops(model: onnx.ModelProto, registry: Any, exclud
         act, wt = dq(n.input[0]), len(n.input) > 1 and dq(n.input[1])
         if act and wt:
             result["int8"].append(n.name)
-        elif wt and not act:
+        elif not act and n.name not in excluded and len(n.input) > 1 and dq_weight(n.input[1]):
             result["weight_only"].append(n.name)
         elif n.name in excluded:
             result["excluded"].append(n.name)

@@ -107,12 +107,6 @@ class ArraySource(CalibrationSource):
         self.where = where
         self.inputs = dict(inputs)
         self.names = list(inputs)
-        extra = sorted(set(arrays) - set(inputs))
-        if extra:
-            raise UserError(
-                f"{where} has arrays that are not model inputs: {', '.join(extra)}; the model inputs are "
-                f"{', '.join(self.names)}"
-            )
         counts = {}
         for name, (dtype, shape) in self.inputs.items():
             if name not in arrays:
@@ -137,6 +131,12 @@ class ArraySource(CalibrationSource):
                     f"{_shape_str(shape)} concatenated along axis 0, i.e. [N*{batch}{''.join(',' + _shape_str((d,))[1:-1] for d in tail)}]"
                 )
             counts[name] = arr.shape[0] // batch
+        extra = sorted(set(arrays) - set(inputs))
+        if extra:
+            raise UserError(
+                f"{where} has arrays that are not model inputs: {', '.join(extra)}; the model inputs are "
+                f"{', '.join(self.names)}"
+            )
         if len(set(counts.values())) > 1:
             raise UserError(
                 f"{where}: inputs hold different numbers of samples ({', '.join(f'{k}: {v}' for k, v in counts.items())});"

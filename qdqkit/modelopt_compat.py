@@ -11,6 +11,10 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      so it normally finds nothing; for an op without a schema the replacement moves it to ``trt.plugins`` and
      leaves its types to ONNX shape inference instead of TensorRT. Only installed when TensorRT is absent.
 
+  3. ModelOpt monkeypatches onnxruntime's quantization classes (calibrators, QDQQuantizer, ...) for the rest of
+     the process the first time it runs, which breaks onnxruntime's own ``quantize_static`` (the ``ort`` back
+     end) afterwards. Their attributes are snapshotted before ModelOpt runs and restored after it.
+
 Not patched but handled by the caller (`run_in_private_dir`): ModelOpt rewrites its input file in place and drops
 ``sym_shape_infer_temp.onnx`` and ``<uuid>.data`` in the current directory, so it runs on a private copy with
 the working directory switched to a temporary folder. Its API defaults that differ from its CLI
@@ -104,11 +108,42 @@ def _find_custom_nodes_without_trt(self: Any) -> None:
     self.model = onnx.shape_inference.infer_shapes(self.model)
 
 
+# -- patch 3: keep onnxruntime.quantization as it was --------------------------------------------------------------
+
+_ORT_PATCHED = (
+    ("onnxruntime.quantization.calibrate", ("CalibraterBase", "MinMaxCalibrater", "HistogramCalibrater",
+                                             "HistogramCollector")),
+    ("onnxruntime.quantization.qdq_quantizer", ("QDQQuantizer",)),
+    ("onnxruntime.quantization.base_quantizer", ("BaseQuantizer",)),
+)
+
+
+@contextlib.contextmanager
+def onnxruntime_quantization_restored() -> Iterator[None]:
+    """Undo, on exit, any change made inside the block to onnxruntime's quantization classes and calibrate module."""
+    owners: list[Any] = []
+    for mod_name, classes in _ORT_PATCHED:
+        mod = importlib.import_module(mod_name)
+        owners.append(mod)
+        owners.extend(getattr(mod, c) for c in classes if hasattr(mod, c))
+    snapshot = [(o, dict(vars(o))) for o in owners]
+    try:
+        yield
+    finally:
+        for owner, before in snapshot:
+            now = vars(owner)
+            for key, value in before.items():
+                if now.get(key) is not value:
+                    setattr(owner, key, value)
+            for key in [k for k in now if k not in before]:
+                delattr(owner, key)
+
+
 @contextlib.contextmanager
 def patched_modelopt() -> Iterator[None]:
     """Apply the patches listed in the module docstring for the duration of the block (re-entrant)."""
     check_version()
-    with _LOCK:
+    with _LOCK, onnxruntime_quantization_restored():
         saved: list[tuple[Any, str, Any]] = []
         try:
             from modelopt.onnx import trt_utils

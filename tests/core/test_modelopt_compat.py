@@ -85,3 +85,14 @@ def test_private_dir_is_the_cwd_and_disappears(tmp_path):
         assert os.getcwd() == str(d)
         (d / "sym_shape_infer_temp.onnx").write_bytes(b"junk")
     assert os.getcwd() == before and not d.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_onnxruntime_quantization_is_restored_after_modelopt():
+    from modelopt.onnx.quantization.ort_patching import patch_ort_modules
+    from onnxruntime.quantization.calibrate import CalibraterBase, MinMaxCalibrater
+
+    before = (CalibraterBase.__init__, MinMaxCalibrater.collect_data)
+    with modelopt_compat.patched_modelopt():
+        patch_ort_modules()  # what every ModelOpt quantize() call does, for good
+        assert MinMaxCalibrater.collect_data is not before[1]
+    assert (CalibraterBase.__init__, MinMaxCalibrater.collect_data) == before
