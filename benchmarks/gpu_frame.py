@@ -2,7 +2,9 @@
 (grid_sample) formulation of the custom ops, median latency of each, all in one run.
 
 The formulation path is the model's own forward with ``qdqkit.custom_ops.cuda.available`` reporting False, which
-is exactly what a machine without the kernels runs. Inputs come from the example's synthetic scene generator
+is exactly what a machine without the kernels runs. FP16 is PyTorch autocast (matrix products and convolutions
+in fp16, the custom ops in their input dtype); the kernel launches per frame are counted and printed, so a path
+that silently fell back would show. Inputs come from the example's synthetic scene generator
 (a mid-scene frame, so the temporal path is live) with a random previous BEV; weights are the seeded ones.
 Each configuration: 5 warm-up frames, then the median of CUDA-event timings of 30 frames; the two paths are
 timed alternately twice and both passes are printed (their spread is the noise). The outputs of the two paths
@@ -41,8 +43,8 @@ def frame_inputs(cfg, device, dtype):
     return (t(image), t(prev), t(sample["use_prev_bev"]), t(sample["can_bus"]), t(sample["lidar2img"])), src
 
 
-def time_frames(model, inputs, warmup=5, reps=30):
-    with torch.no_grad():
+def time_frames(model, inputs, half: bool, warmup=5, reps=30):
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=half):
         for _ in range(warmup):
             out = model(*inputs)
         torch.cuda.synchronize()
@@ -68,35 +70,48 @@ def main(argv=None):
     from qdqkit.examples.bevformer.model import TINY, build_model
 
     real_available = cuda.available
+    counts = {}
+    for fn_name in ("ms_deform_attn", "rotate"):
+        real = getattr(cuda, fn_name)
+
+        def counting(*a, _real=real, _name=fn_name, **k):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _real(*a, **k)
+
+        setattr(cuda, fn_name, counting)
     rows = []
     note = None
-    for name, dtype in (("FP32", torch.float32), ("FP16", torch.float16)):
-        model = build_model(TINY, seed=0, calibrate_bn=False).to("cuda", dtype)
-        inputs, note = frame_inputs(TINY, "cuda", dtype)
+    torch.backends.cudnn.benchmark = True
+    model = build_model(TINY, seed=0, calibrate_bn=False).to("cuda")
+    inputs, note = frame_inputs(TINY, "cuda", torch.float32)
+    for name, half in (("FP32", False), ("FP16 (autocast)", True)):
         res = {}
         outs = {}
+        launches = {}
         for rnd in range(2):
             for path in ("kernels", "formulation"):
                 cuda.available = real_available if path == "kernels" else (lambda: False)
+                counts.clear()
                 try:
-                    ms, out = time_frames(model, inputs)
+                    ms, out = time_frames(model, inputs, half)
                 finally:
                     cuda.available = real_available
+                launches[path] = {k: v // 35 for k, v in counts.items()}  # 5 warm-up + 30 timed frames
                 res.setdefault(path, []).append(ms)
                 outs[path] = out[0].double()
         diff = float((outs["kernels"] - outs["formulation"]).norm() / outs["formulation"].norm())
         row = {"precision": name, "kernels_ms": res["kernels"], "formulation_ms": res["formulation"],
-               "bev_embed_rel_diff": diff, "finite": bool(torch.isfinite(outs["kernels"]).all())}
+               "kernel_launches_per_frame": launches, "bev_embed_rel_diff": diff,
+               "finite": bool(torch.isfinite(outs["kernels"]).all())}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del model
-        torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(0), "inputs": note, "rows": rows}, fh, indent=1)
     print(f"\nBEVFormer-tiny full frame, {torch.cuda.get_device_name(0)}, torch {torch.__version__}; inputs: {note}")
     print("| precision | with CUDA kernels (ms) | with grid_sample formulation (ms) | ratio | bev_embed rel. diff |")
     print("|---|---|---|---|---|")
+    # each cell: median of the two passes (each pass itself the median of 30 frames), then both passes
     for r in rows:
         k, f = statistics.median(r["kernels_ms"]), statistics.median(r["formulation_ms"])
         print(f"| {r['precision']} | {k:.2f} ({', '.join(f'{v:.2f}' for v in r['kernels_ms'])}) | {f:.2f} "

@@ -168,12 +168,27 @@ def rotate_formulation(img, angle, center, mode):
 
 # ------------------------------------------------------------------------------------------------ benches
 
+def _bev_grid_refs(inp: T.MsdaInputs, H: int, W: int) -> T.MsdaInputs:
+    """Temporal self-attention as the model runs it: query q's reference point is its own BEV cell centre and
+    the offsets are a few pixels, so neighbouring queries sample neighbouring cells."""
+    B, Q = inp.reference_points.shape[:2]
+    q = np.arange(Q)
+    ref = np.stack(((q % W + 0.5) / W, (q // W + 0.5) / H), -1)[None, :, None, :].repeat(B, 0)
+    return T.MsdaInputs(inp.value, inp.spatial_shapes, ref, inp.sampling_offsets * (2.0 / 3.0),
+                        inp.attention_weights)
+
+
 def bench_msda(bw, quick=False):
     rng = np.random.default_rng(1)
-    for name, (B, shapes, M, D, Q, P, G) in T.BEVFORMER_TINY_MSDA.items():
+    cases = dict(T.BEVFORMER_TINY_MSDA)
+    cases["tsa-bevgrid"] = cases["tsa"]
+    for name, (B, shapes, M, D, Q, P, G) in cases.items():
+        gen = T.msda_inputs
+        if name == "tsa-bevgrid":
+            gen = lambda *a, **k: _bev_grid_refs(T.msda_inputs(*a, **k), *shapes[0])  # noqa: E731
         shapes_hw = [tuple(s) for s in shapes]
         for dt in (torch.float16, torch.float32):
-            base = T.msda_inputs(rng, B, shapes, M, D, Q, P, G)
+            base = gen(rng, B, shapes, M, D, Q, P, G)
             dev_sh = torch.tensor(base.spatial_shapes, device="cuda")
             one = [torch.tensor(a, dtype=dt, device="cuda") for a in base.as_tuple()]
             out = torch.empty(B, Q, M, D, dtype=dt, device="cuda")
@@ -181,7 +196,7 @@ def bench_msda(bw, quick=False):
             k = n_sets(set_bytes)
             sets = []
             for _ in range(k):
-                inp = T.msda_inputs(rng, B, shapes, M, D, Q, P, G)
+                inp = gen(rng, B, shapes, M, D, Q, P, G)
                 sets.append([torch.tensor(a, dtype=dt, device="cuda") for a in
                              (inp.value, inp.reference_points, inp.sampling_offsets, inp.attention_weights)]
                             + [torch.empty(B, Q, M, D, dtype=dt, device="cuda")])
@@ -189,6 +204,14 @@ def bench_msda(bw, quick=False):
             kern = [lambda s=s: cuda.ms_deform_attn(s[0], dev_sh, s[1], s[2], s[3], out=s[4]) for s in sets]
             t_k, t_k2 = time_graph(kern)
             t_eager = time_eager(kern)
+            forms = {}
+            for strategy in ("global", "smem"):
+                if strategy == "smem" and sum(h * w for h, w in shapes_hw) * D * one[0].element_size() > 200 * 1024:
+                    forms[strategy] = None
+                    continue
+                ks = [lambda s=s, st=strategy: cuda.ms_deform_attn(s[0], dev_sh, s[1], s[2], s[3], out=s[4],
+                                                                    strategy=st) for s in sets]
+                forms[strategy] = time_graph(ks)[0]
             scales = [torch.tensor([w_, h_], dtype=dt, device="cuda") for h_, w_ in shapes_hw]
             form = [lambda s=s: msda_formulation(s[0], shapes_hw, s[1], s[2], s[3], scales) for s in sets]
             t_f, _ = time_graph(form, reps=10)
@@ -196,7 +219,8 @@ def bench_msda(bw, quick=False):
             t_p = time_eager(proj, reps=5)
             target = max(4 * floor, 10.0)
             record(op="msda", case=name, dtype=str(dt).split(".")[-1], sets=k, bytes=set_bytes, floor_us=floor,
-                   kernel_us=t_k, kernel_us_repeat=t_k2, kernel_eager_us=t_eager, formulation_us=t_f,
+                   kernel_us=t_k, kernel_us_repeat=t_k2, kernel_eager_us=t_eager, global_us=forms["global"],
+                   smem_us=forms["smem"], formulation_us=t_f,
                    project_torch_us=t_p, target_us=target, within_target=t_k <= target,
                    speedup_vs_formulation=t_f / t_k, meets_25x=t_f / t_k >= 25)
             del sets
@@ -204,7 +228,7 @@ def bench_msda(bw, quick=False):
         k = 16
         sets = []
         for _ in range(k):
-            inp = T.msda_inputs(rng, B, shapes, M, D, Q, P, G)
+            inp = gen(rng, B, shapes, M, D, Q, P, G)
             q = lambda a: torch.tensor(np.clip(np.rint(a / (np.abs(a).max() / 127)), -128, 127).astype(np.int8),  # noqa: E731
                                        device="cuda")
             sets.append([q(inp.value), torch.tensor(inp.reference_points, dtype=torch.float32, device="cuda"),
@@ -217,8 +241,16 @@ def bench_msda(bw, quick=False):
                                                      offset_scale=0.05, weight_scale=0.03, out_scale=0.01,
                                                      out=s[4]) for s in sets]
         t_k, t_k2 = time_graph(kern)
+        forms = {}
+        for strategy in ("global", "smem"):
+            ks = [lambda s=s, st=strategy: cuda.ms_deform_attn_int8(s[0], dev_sh, s[1], s[2], s[3], value_scale=0.02,
+                                                                     offset_scale=0.05, weight_scale=0.03,
+                                                                     out_scale=0.01, out=s[4], strategy=st)
+                  for s in sets]
+            forms[strategy] = time_graph(ks)[0]
         record(op="msda", case=name, dtype="int8", sets=k, bytes=set_bytes, floor_us=floor, kernel_us=t_k,
-               kernel_us_repeat=t_k2, kernel_eager_us=time_eager(kern), formulation_us=None, project_torch_us=None,
+               kernel_us_repeat=t_k2, kernel_eager_us=time_eager(kern), global_us=forms["global"],
+               smem_us=forms["smem"], formulation_us=None, project_torch_us=None,
                target_us=max(4 * floor, 10.0), within_target=t_k <= max(4 * floor, 10.0),
                speedup_vs_formulation=None, meets_25x=None)
         del sets
@@ -359,19 +391,20 @@ def main(argv=None):
             json.dump({"head": head, "accuracy": acc, "results": RESULTS}, fh, indent=1)
     print(f"\n{props.name}: copy {bw / 1e9:.0f} GB/s (read+write); matmul fp16 {rates['fp16'] / 1e12:.0f}, "
           f"fp32 {rates['fp32'] / 1e12:.0f} TFLOP/s; {time.time() - t0:.0f} s")
-    print(f"{'op':6} {'case':12} {'dtype':7} {'floor':>7} {'kernel':>8} {'(rep)':>7} {'eager':>7} {'form.':>8} "
-          f"{'proj.':>8} {'x form':>7} {'target':>7} ok")
+    print(f"{'op':6} {'case':12} {'dtype':7} {'floor':>7} {'kernel':>8} {'(rep)':>7} {'global':>7} {'smem':>7} "
+          f"{'eager':>7} {'form.':>8} {'proj.':>8} {'x form':>7} {'target':>7} ok")
     for r in RESULTS:
         ok = r.get("within_target", r.get("within_4x_floor"))
         if r.get("meets_25x") is not None:
             ok = ok and r["meets_25x"]
         print(f"{r['op']:6} {r['case']:12} {r['dtype']:7} {fmt(r['floor_us'])} {fmt(r['kernel_us']):>8} "
-              f"{fmt(r['kernel_us_repeat']):>7} {fmt(r.get('kernel_eager_us', r.get('direct_kernel_us'))):>7} "
+              f"{fmt(r['kernel_us_repeat']):>7} {fmt(r.get('global_us')):>7} {fmt(r.get('smem_us')):>7} "
+              f"{fmt(r.get('kernel_eager_us', r.get('direct_kernel_us'))):>7} "
               f"{fmt(r['formulation_us']):>8} {fmt(r.get('project_torch_us', r.get('torchvision_us'))):>8} "
               f"{fmt(r['speedup_vs_formulation']):>7} {fmt(r.get('target_us')):>7} {ok}")
     print("times in us per call (median of CUDA-event timings over graph replays; eager includes Python launch; "
           "proj. = torch_ops plain-PyTorch forward eager, or torchvision deform_conv2d for dcn; dcn 'eager' column = "
-          "direct single kernel)")
+          "direct single kernel; kernel = auto form, global/smem = each MSDA form forced)")
     return 0
 
 

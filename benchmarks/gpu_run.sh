@@ -17,6 +17,9 @@ ln -s "$PWD/passes" "$SHIM/qdqkit/passes"
 ln -s "$PWD/custom_ops" "$SHIM/qdqkit/custom_ops"
 ln -s "$PWD/examples" "$SHIM/qdqkit/examples"
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+# Work from the shim: run from the checkout, Python would find its bare qdqkit/ (without the sub-packages) first.
+REPO=$PWD
+cd "$SHIM"
 
 has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 
@@ -41,21 +44,23 @@ if has build; then
 fi
 
 if has test; then
-  timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/custom_ops/test_cuda_cpu.py \
-    tests/custom_ops/test_cuda_msda.py tests/custom_ops/test_cuda_rotate.py tests/custom_ops/test_cuda_dcn.py \
-    tests/custom_ops/test_cuda_trt_abi.py --durations=5 2>&1 | tee "$OUT/pytest.log" | tail -40
+  T=$REPO/tests/custom_ops
+  timeout 240 python3 -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -q -rs -p no:cacheprovider \
+    $T/test_cuda_cpu.py $T/test_cuda_msda.py $T/test_cuda_rotate.py $T/test_cuda_dcn.py $T/test_cuda_trt_abi.py \
+    --durations=5 2>&1 | tee "$OUT/pytest.log" | tail -40
 fi
 
 if has sanitize; then
-  timeout 240 compute-sanitizer --tool memcheck --print-limit 5 python3 -m pytest -q -x -p no:cacheprovider \
-    tests/custom_ops/test_cuda_msda.py -k "odd or border or misaligned" 2>&1 | tee "$OUT/sanitize.log" | tail -8
+  timeout 240 compute-sanitizer --tool memcheck --print-limit 5 python3 -m pytest -c "$REPO/pyproject.toml" \
+    --rootdir "$REPO" -q -x -p no:cacheprovider "$REPO/tests/custom_ops/test_cuda_msda.py" \
+    -k "odd or border or misaligned" 2>&1 | tee "$OUT/sanitize.log" | tail -8
 fi
 
 if has ops; then
-  timeout 220 python3 benchmarks/gpu_ops.py --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log" | tail -45
+  timeout 220 python3 "$REPO/benchmarks/gpu_ops.py" --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log" | tail -45
 fi
 
 if has frame; then
-  timeout 150 python3 benchmarks/gpu_frame.py --json "$OUT/frame.json" 2>&1 | tee "$OUT/frame.log" | tail -12
+  timeout 150 python3 "$REPO/benchmarks/gpu_frame.py" --json "$OUT/frame.json" 2>&1 | tee "$OUT/frame.log" | tail -12
 fi
-rm -rf "$SHIM"
+cd "$REPO" && rm -rf "$SHIM"

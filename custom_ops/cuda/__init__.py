@@ -52,40 +52,107 @@ def available() -> bool:
 # --------------------------------------------------------------------------------------------------------
 # launching
 
-@functools.lru_cache(maxsize=64)
-def _external_stream(ptr: int, device_index: int):
-    import cupy
+@functools.lru_cache(maxsize=None)
+def _libcuda():
+    """ctypes handle of the CUDA driver, or None (then launches go through CuPy, with more host overhead)."""
+    import ctypes
 
-    with cupy.cuda.Device(device_index):
-        return cupy.cuda.ExternalStream(ptr, device_index)
-
-
-def _launch(source: str, kernel: str, grid: Tuple[int, ...], args: Sequence, device) -> None:
-    """Launches ``kernel`` of ``source`` on torch's current stream of ``device``."""
-    import cupy
-    import numpy as np
-    import torch
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    fn = _kernel(source, kernel, index)
-    packed = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            packed.append(np.uint64(a.data_ptr()))
-        elif isinstance(a, (bool, int, np.integer)):
-            packed.append(np.int32(a))
-        else:
-            raise TypeError(f"unsupported kernel argument type {type(a).__name__}")
-    stream = _external_stream(torch.cuda.current_stream(index).cuda_stream, index)
-    with cupy.cuda.Device(index), stream:
-        fn(grid, (_BLOCK,), tuple(packed))
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        lib.cuLaunchKernel.restype = ctypes.c_int
+        lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+        return lib
+    except (OSError, AttributeError):
+        return None
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(source: str, kernel: str, device_index: int):
+def _external_stream(ptr: int, device_index: int):
+    import cupy
+
+    return cupy.cuda.ExternalStream(ptr, device_index)
+
+
+def _raw_stream(index: int) -> int:
+    import torch
+
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return get(index) if get is not None else torch.cuda.current_stream(index).cuda_stream
+
+
+def _launch(source: str, kernel: str, grid: Tuple[int, ...], args: Sequence, device, shared_mem: int = 0) -> None:
+    """Launches ``kernel`` of ``source`` on torch's current stream of ``device``.
+
+    The driver's cuLaunchKernel is called through ctypes: CuPy's own launch path costs tens of microseconds of
+    Python per call, more than these kernels run. Tensors travel as 64-bit pointers, ints as int32.
+    """
+    import ctypes
+
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fn = _kernel(source, kernel, index, shared_mem)
+    stream = _raw_stream(index)
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    lib = _libcuda() if _function_ptr(fn) else None
+    if lib is not None:
+        holders = [ctypes.c_uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int32(int(a))
+                   for a in args]
+        params = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+        err = lib.cuLaunchKernel(_function_ptr(fn), grid[0], grid[1], grid[2], _BLOCK, 1, 1, shared_mem, stream,
+                                 params, None)
+        if err != 0:
+            raise RuntimeError(f"{kernel}: cuLaunchKernel failed with CUDA driver error {err}")
+        return
+    import cupy
+    import numpy as np
+
+    packed = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int32(int(a)) for a in args)
+    with cupy.cuda.Device(index), _external_stream(stream, index):
+        fn(grid, (_BLOCK,), packed, shared_mem=shared_mem)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_base(source: str, kernel: str, device_index: int):
     from . import _build
 
     return _build.module(source, device_index).get_function(kernel)
+
+
+def _kernel(source: str, kernel: str, device_index: int, shared_mem: int):
+    fn = _kernel_base(source, kernel, device_index)
+    if shared_mem > 48 * 1024 and (kernel, device_index) not in _SMEM_RAISED:
+        import cupy
+
+        with cupy.cuda.Device(device_index):
+            fn.max_dynamic_shared_size_bytes = _device_info(device_index)[1]
+        _SMEM_RAISED.add((kernel, device_index))
+    return fn
+
+
+_SMEM_RAISED: set = set()
+_PTRS: dict = {}
+
+
+def _function_ptr(fn) -> int:
+    """The CUfunction handle behind a CuPy RawKernel (0 when this CuPy does not expose it)."""
+    ptr = _PTRS.get(id(fn))
+    if ptr is None:
+        try:
+            ptr = int(fn.kernel.ptr)
+        except AttributeError:
+            ptr = 0
+        _PTRS[id(fn)] = ptr
+    return ptr
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(index: int) -> Tuple[int, int]:
+    """(multiprocessor count, opt-in shared memory per block in bytes) of a device."""
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
 
 
 def _check_cuda(name: str, *tensors) -> None:
@@ -155,18 +222,54 @@ def _msda_shapes(value, spatial_shapes, reference_points, sampling_offsets, atte
     return B, S, M, D, Q, L, P, G
 
 
+_SHAPES_CACHE: dict = {}
+
+
 def _shapes_i64(spatial_shapes, device):
+    """spatial_shapes as int64 on ``device``; a host tensor (the usual form: a constant) is uploaded once."""
     import torch
 
-    return spatial_shapes.to(device=device, dtype=torch.int64).contiguous()
+    if spatial_shapes.device.type != "cpu":
+        return spatial_shapes.to(device=device, dtype=torch.int64).contiguous()
+    key = (tuple(int(v) for v in spatial_shapes.reshape(-1).tolist()), str(device))
+    t = _SHAPES_CACHE.get(key)
+    if t is None:
+        t = torch.tensor(key[0], dtype=torch.int64, device=device).reshape(-1, 2)
+        _SHAPES_CACHE[key] = t
+    return t
 
 
-def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, attention_weights, *, out=None):
+def _msda_plan(B, S, M, D, Q, L, P, esize, device, strategy: str):
+    """("global", None, grid, 0) or ("smem", qchunk, grid, shared bytes) for one call; see msda.cu."""
+    if strategy not in ("auto", "global", "smem"):
+        raise ValueError(f"ms_deform_attn: strategy must be 'auto', 'global' or 'smem', got {strategy!r}")
+    index = device.index if device.index is not None else 0
+    sms, smem_max = _device_info(index)
+    slice_bytes = S * D * esize
+    fits = slice_bytes <= smem_max
+    if strategy == "smem" and not fits:
+        raise ValueError(f"ms_deform_attn: a (batch, head) value slice of {slice_bytes} bytes exceeds shared memory")
+    # small slices: several blocks per SM, about eight waves of them; large ones: one block per SM, one wave
+    nchunks = -(-8 * sms // (B * M)) if slice_bytes <= 48 * 1024 else max(1, sms // (B * M))
+    nchunks = max(1, min(nchunks, Q))
+    staging = B * M * nchunks * slice_bytes
+    gathers = B * Q * M * L * P * 4 * D * esize
+    use_smem = strategy == "smem" or (strategy == "auto" and fits and 2 * staging < gathers)
+    if use_smem:
+        qchunk = -(-Q // nchunks)
+        return "smem", qchunk, (-(-Q // qchunk), B * M), slice_bytes
+    return "global", None, None, 0
+
+
+def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, attention_weights, *, out=None,
+                   strategy: str = "auto"):
     """MultiScaleDeformableAttnTRT(2) on CUDA tensors (fp32 or fp16; softmax of the logits inside).
 
     value [B,S,M,D], spatial_shapes int [L,2] (H,W), reference_points [B,Q,1,2G], sampling_offsets
     [B,Q,M,L*P*2] (pixels), attention_weights [B,Q,M,L*P] (logits) -> [B,Q,M,D] in value's dtype.
-    Float inputs are cast to value's dtype. ``out`` optionally names a contiguous output buffer.
+    Float inputs are cast to value's dtype. ``out`` optionally names a contiguous output buffer. ``strategy``
+    picks the kernel form: "global" gathers corners through the caches, "smem" stages each (batch, head) value
+    slice in shared memory first, "auto" takes "smem" where that moves fewer bytes (see msda.cu).
     """
     _check_cuda("ms_deform_attn", value, reference_points, sampling_offsets, attention_weights)
     kind = _float_dtype("ms_deform_attn", value)
@@ -187,9 +290,13 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
         if D % cand == 0 and _aligned(cand * esize, value, out):
             vec = cand
             break
-    threads = B * Q * M * (D // vec)
-    _launch("msda", f"msda_{kind}_v{vec}", _grid1(threads),
-            (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, out), value.device)
+    form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, esize, value.device, strategy)
+    if form == "smem":
+        _launch("msda", f"msda_smem_{kind}_v{vec}", grid, (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G,
+                                                         qchunk, out), value.device, smem)
+    else:
+        _launch("msda", f"msda_{kind}_v{vec}", _grid1(B * Q * M * (D // vec)),
+                (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, out), value.device)
     return out
 
 
@@ -201,7 +308,7 @@ def _float_bits(x: float) -> int:
 
 def ms_deform_attn_int8(value, spatial_shapes, reference_points, sampling_offsets, attention_weights, *,
                         value_scale: float, offset_scale: float, weight_scale: float, out_scale: float,
-                        out=None):
+                        out=None, strategy: str = "auto"):
     """INT8 MultiScaleDeformableAttn as the TensorRT plugin takes it: int8 value, offsets and weights with
     per-tensor scales (real = scale * int8), fp32 reference points; returns int8 [B,Q,M,D] quantised with
     ``out_scale`` (round half to even, saturating to [-128, 127]). Needs D % 8 == 0.
@@ -233,9 +340,15 @@ def ms_deform_attn_int8(value, spatial_shapes, reference_points, sampling_offset
         value = value.clone()
         if not _aligned(8, out):
             raise ValueError("ms_deform_attn_int8: out must be 8-byte aligned")
-    _launch("msda", "msda_int8_v8", _grid1(B * Q * M * (D // 8)),
-            (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, _float_bits(value_scale),
-             _float_bits(offset_scale), _float_bits(weight_scale), _float_bits(out_scale), out), value.device)
+    scales = (_float_bits(value_scale), _float_bits(offset_scale), _float_bits(weight_scale),
+              _float_bits(out_scale))
+    form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, 1, value.device, strategy)
+    if form == "smem":
+        _launch("msda", "msda_smem_int8_v8", grid,
+                (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qchunk, *scales, out), value.device, smem)
+    else:
+        _launch("msda", "msda_int8_v8", _grid1(B * Q * M * (D // 8)),
+                (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, *scales, out), value.device)
     return out
 
 
@@ -339,7 +452,8 @@ def modulated_deform_conv2d(x, offset, mask, weight, bias=None, stride: Union[in
     if impl != "im2col":
         raise ValueError(f"modulated_deform_conv2d: impl must be 'im2col' or 'direct', got {impl!r}")
     cols = torch.empty((N, C * K, Ho * Wo), dtype=dt, device=x.device)
-    _launch("dcn", f"dcn_im2col_{kind}", _grid1(N * C * Ho * Wo),
+    cpt = 4 if (C // deform_groups) % 4 == 0 else 1
+    _launch("dcn", f"dcn_im2col_{kind}_c{cpt}", _grid1(N * (C // cpt) * Ho * Wo),
             (x, offset, mask, N, C, H, W, KH, KW, Ho, Wo, sh, sw, ph, pw, dh, dw, deform_groups, cols), x.device)
     w = weight.view(groups, OC // groups, Cg * K)
     torch.matmul(w, cols.view(N, groups, Cg * K, Ho * Wo), out=out.view(N, groups, OC // groups, Ho * Wo))

@@ -24,6 +24,7 @@ __device__ __forceinline__ qk_half qk_f2h(float f) {
 // Element access that reads/writes float arithmetic values whatever the storage type.
 __device__ __forceinline__ float qk_ld(const float* p) { return *p; }
 __device__ __forceinline__ float qk_ld(const qk_half* p) { return qk_h2f(*p); }
+__device__ __forceinline__ float qk_ld(const signed char* p) { return (float)*p; }
 __device__ __forceinline__ void qk_st(float* p, float v) { *p = v; }
 __device__ __forceinline__ void qk_st(qk_half* p, float v) { *p = qk_f2h(v); }
 

@@ -28,36 +28,58 @@ __device__ __forceinline__ float dcn_bilinear(const T* __restrict__ plane, int H
     return v;
 }
 
-// One thread per (n, c, ho, wo), all KH*KW taps: the offset/mask reads and the column writes are coalesced
-// along wo.
-template <typename T>
+// One thread per (n, CPT consecutive channels of one deform group, ho, wo), all KH*KW taps: the offset and
+// mask of a tap are read once and the bilinear weights computed once for CPT channels, and the column writes
+// are coalesced along wo.
+template <typename T, int CPT>
 __device__ __forceinline__ void dcn_im2col_body(const T* __restrict__ x, const T* __restrict__ offset,
                                                 const T* __restrict__ mask, int N, int C, int H, int W, int KH,
                                                 int KW, int Ho, int Wo, int sh, int sw, int ph, int pw, int dh,
                                                 int dw, int DG, T* __restrict__ cols) {
     const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long HWo = (long long)Ho * Wo;
-    const long long total = (long long)N * C * HWo;
+    const int CB = C / CPT;
+    const long long total = (long long)N * CB * HWo;
     if (tid >= total) return;
     const int wo = (int)(tid % Wo);
     const int ho = (int)((tid / Wo) % Ho);
-    const int c = (int)((tid / HWo) % C);
-    const int n = (int)(tid / (HWo * C));
+    const int c0 = (int)((tid / HWo) % CB) * CPT;
+    const int n = (int)(tid / (HWo * CB));
     const int K = KH * KW;
-    const int dg = c / (C / DG);
-    const T* plane = x + ((long long)n * C + c) * H * W;
+    const int dg = c0 / (C / DG);
+    const long long HW = (long long)H * W;
+    const T* plane = x + ((long long)n * C + c0) * HW;
     const T* offp = offset + ((long long)n * DG + dg) * 2 * K * HWo + (long long)ho * Wo + wo;
     const T* maskp = mask + ((long long)n * DG + dg) * K * HWo + (long long)ho * Wo + wo;
-    T* colp = cols + ((long long)n * C * K + (long long)c * K) * HWo + (long long)ho * Wo + wo;
+    T* colp = cols + ((long long)n * C * K + (long long)c0 * K) * HWo + (long long)ho * Wo + wo;
     for (int kh = 0; kh < KH; ++kh) {
         for (int kw = 0; kw < KW; ++kw) {
             const int k = kh * KW + kw;
-            const float dy = qk_ld(offp + (2LL * k) * HWo);
-            const float dx = qk_ld(offp + (2LL * k + 1) * HWo);
+            const float hs = (float)(ho * sh - ph + kh * dh) + qk_ld(offp + (2LL * k) * HWo);
+            const float ws = (float)(wo * sw - pw + kw * dw) + qk_ld(offp + (2LL * k + 1) * HWo);
             const float mk = qk_ld(maskp + (long long)k * HWo);
-            const float hs = (float)(ho * sh - ph + kh * dh) + dy;
-            const float ws = (float)(wo * sw - pw + kw * dw) + dx;
-            qk_st(colp + (long long)k * HWo, mk * dcn_bilinear(plane, H, W, hs, ws));
+            float v[CPT];
+#pragma unroll
+            for (int i = 0; i < CPT; ++i) v[i] = 0.f;
+            if (hs > -1.f && ws > -1.f && hs < (float)H && ws < (float)W) {
+                const float fh = floorf(hs), fw = floorf(ws);
+                const int h0 = (int)fh, w0 = (int)fw;
+                const float lh = hs - fh, lw = ws - fw;
+                const float cwt[4] = {(1.f - lh) * (1.f - lw) * mk, (1.f - lh) * lw * mk, lh * (1.f - lw) * mk,
+                                      lh * lw * mk};
+                const bool ok[4] = {h0 >= 0 && w0 >= 0, h0 >= 0 && w0 + 1 < W, h0 + 1 < H && w0 >= 0,
+                                    h0 + 1 < H && w0 + 1 < W};
+                const long long base = (long long)h0 * W + w0;
+                const long long idx[4] = {base, base + 1, base + W, base + W + 1};
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    if (!ok[q]) continue;
+#pragma unroll
+                    for (int i = 0; i < CPT; ++i) v[i] = fmaf(cwt[q], qk_ld(plane + i * HW + idx[q]), v[i]);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < CPT; ++i) qk_st(colp + ((long long)i * K + k) * HWo, v[i]);
         }
     }
 }
@@ -102,19 +124,18 @@ __device__ __forceinline__ void dcn_direct_body(const T* __restrict__ x, const T
     qk_st(out + tid, acc);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-    dcn_im2col_fp32(const float* x, const float* offset, const float* mask, int N, int C, int H, int W, int KH,
-                    int KW, int Ho, int Wo, int sh, int sw, int ph, int pw, int dh, int dw, int DG,
-                    float* cols) {
-    dcn_im2col_body<float>(x, offset, mask, N, C, H, W, KH, KW, Ho, Wo, sh, sw, ph, pw, dh, dw, DG, cols);
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-    dcn_im2col_fp16(const qk_half* x, const qk_half* offset, const qk_half* mask, int N, int C, int H, int W,
-                    int KH, int KW, int Ho, int Wo, int sh, int sw, int ph, int pw, int dh, int dw, int DG,
-                    qk_half* cols) {
-    dcn_im2col_body<qk_half>(x, offset, mask, N, C, H, W, KH, KW, Ho, Wo, sh, sw, ph, pw, dh, dw, DG, cols);
-}
+// dcn_im2col_<type>_c<CPT>: CPT channels a thread; c4 needs (C / deform_groups) % 4 == 0.
+#define QK_DCN_IM2COL(NAME, T, CPT)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                                      \
+        NAME(const T* x, const T* offset, const T* mask, int N, int C, int H, int W, int KH, int KW, int Ho, \
+             int Wo, int sh, int sw, int ph, int pw, int dh, int dw, int DG, T* cols) {                    \
+        dcn_im2col_body<T, CPT>(x, offset, mask, N, C, H, W, KH, KW, Ho, Wo, sh, sw, ph, pw, dh, dw, DG,   \
+                                cols);                                                                     \
+    }
+QK_DCN_IM2COL(dcn_im2col_fp32_c4, float, 4)
+QK_DCN_IM2COL(dcn_im2col_fp32_c1, float, 1)
+QK_DCN_IM2COL(dcn_im2col_fp16_c4, qk_half, 4)
+QK_DCN_IM2COL(dcn_im2col_fp16_c1, qk_half, 1)
 
 extern "C" __global__ void __launch_bounds__(256)
     dcn_direct_fp32(const float* x, const float* offset, const float* mask, const float* weight,

@@ -7,17 +7,99 @@
 // Parameter order follows TensorRT's ahead-of-time plugin ABI: tensor inputs, int32 extras, tensor outputs,
 // so that the same PTX serves PyTorch and a TensorRT engine.
 //
-// Work split: one group of D/VEC consecutive threads per (b,q,m); each thread owns VEC consecutive channels
-// and loads them as one vector (16 bytes for fp32 x4 and fp16 x8). The softmax and the sampling locations
-// are recomputed by each thread of the group: they are a handful of L1-broadcast loads and some arithmetic,
-// cheaper than a shared-memory exchange and a barrier at these sizes.
+// Work split: a group of D/VEC consecutive threads per (b,q,m); each thread owns VEC consecutive channels
+// and loads them as one vector (16 bytes for fp32 x4 and fp16 x8, i.e. four packed half2 pairs). The softmax
+// and the sampling locations are recomputed by each thread of the group: a handful of L1-broadcast loads,
+// cheaper than a shared-memory exchange and a barrier.
+//
+// Two forms of each kernel:
+//  * msda_<type>_v<VEC>: corners are gathered from global memory (through L1/L2). Any size.
+//  * msda_smem_<type>_v<VEC>: a block owns one (b, m) and a chunk of `qchunk` queries; it first copies
+//    value[b, :, m, :] (S*D elements) into shared memory, then gathers corners from there. This trades one
+//    L2 read of the (b,m) slice per block for the 4*L*P corner reads per query, which wins when the slice is
+//    small and many queries sample it (BEVFormer's spatial cross-attention: 375 positions, 2500 queries).
+//    Dynamic shared memory of S*D*sizeof(T) bytes; grid (ceil(Q/qchunk), B*M).
 #include "common.cuh"
 
-template <typename T, int VEC>
-__device__ __forceinline__ void msda_body(const T* __restrict__ value, const qk_i64* __restrict__ shapes,
-                                          const T* __restrict__ ref, const T* __restrict__ off,
-                                          const T* __restrict__ aw, int B, int S, int M, int D, int Q, int L,
-                                          int P, int G, T* __restrict__ out) {
+template <bool QUANT>
+__device__ __forceinline__ float msda_param(float v, float scale) {
+    return QUANT ? v * scale : v;
+}
+
+// Accumulates sum_j w_j * bilinear(sample_j) for VEC channels. `vsrc` points at channel c of spatial
+// position 0 of level 0 for this (b, m); `row` is the element stride between spatial positions.
+template <typename TV, typename TR, typename TP, int VEC, bool QUANT>
+__device__ __forceinline__ void msda_accumulate(const TV* vsrc, long long row, const qk_i64* __restrict__ shapes,
+                                                const TR* __restrict__ refp, const TP* __restrict__ offp,
+                                                const TP* __restrict__ awp, int L, int P, int G, float so,
+                                                float sa, float sv, float* acc) {
+    const int LP = L * P;
+    float mx = -3.402823466e38f;
+    for (int j = 0; j < LP; ++j) mx = fmaxf(mx, msda_param<QUANT>(qk_ld(awp + j), sa));
+    float den = 0.f;
+    for (int j = 0; j < LP; ++j) den += __expf(msda_param<QUANT>(qk_ld(awp + j), sa) - mx);
+    // the value scale of the int8 form is folded into the attention weight once per sample
+    const float inv_den = (QUANT ? sv : 1.f) / den;
+
+    long long start = 0;
+    for (int l = 0; l < L; ++l) {
+        const int H = (int)shapes[2 * l];
+        const int W = (int)shapes[2 * l + 1];
+        const TV* vb = vsrc + start * row;
+#pragma unroll 2
+        for (int p = 0; p < P; ++p) {
+            const int j = l * P + p;
+            const int g = p % G;
+            const float x = qk_ld(refp + 2 * g) * (float)W + msda_param<QUANT>(qk_ld(offp + 2 * j), so) - 0.5f;
+            const float y = qk_ld(refp + 2 * g + 1) * (float)H + msda_param<QUANT>(qk_ld(offp + 2 * j + 1), so) - 0.5f;
+            if (!(y > -1.f && x > -1.f && y < (float)H && x < (float)W)) continue;
+            const float w = __expf(msda_param<QUANT>(qk_ld(awp + j), sa) - mx) * inv_den;
+            const float fx = floorf(x), fy = floorf(y);
+            const int x0 = (int)fx, y0 = (int)fy;
+            const float lx = x - fx, ly = y - fy;
+            const float hx = 1.f - lx, hy = 1.f - ly;
+            const float cw[4] = {hy * hx * w, hy * lx * w, ly * hx * w, ly * lx * w};
+            const bool okx0 = x0 >= 0, okx1 = x0 + 1 <= W - 1, oky0 = y0 >= 0, oky1 = y0 + 1 <= H - 1;
+            const bool ok[4] = {oky0 && okx0, oky0 && okx1, oky1 && okx0, oky1 && okx1};
+            const long long base = (long long)y0 * W + x0;
+            const long long idx[4] = {base, base + 1, base + W, base + W + 1};
+            // all four corner loads are issued before any of them is used
+            QkVec<TV, VEC> v[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                if (ok[k]) v[k] = *reinterpret_cast<const QkVec<TV, VEC>*>(vb + idx[k] * row);
+            }
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                if (!ok[k]) continue;
+                float f[VEC];
+                qk_unpack<TV, VEC>(v[k], f);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) acc[i] = fmaf(cw[k], f[i], acc[i]);
+            }
+        }
+        start += (long long)H * W;
+    }
+}
+
+template <typename TV, int VEC, bool QUANT>
+__device__ __forceinline__ void msda_store(TV* dst, const float* acc, float inv_sout) {
+    QkVec<TV, VEC> o;
+    if constexpr (QUANT) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) o.v[i] = (TV)qk_quantize_i8(acc[i] * inv_sout);
+    } else {
+        qk_pack<TV, VEC>(acc, o);
+    }
+    *reinterpret_cast<QkVec<TV, VEC>*>(dst) = o;
+}
+
+template <typename TV, typename TR, typename TP, int VEC, bool QUANT>
+__device__ __forceinline__ void msda_global(const TV* __restrict__ value, const qk_i64* __restrict__ shapes,
+                                            const TR* __restrict__ ref, const TP* __restrict__ off,
+                                            const TP* __restrict__ aw, int B, int S, int M, int D, int Q, int L,
+                                            int P, int G, float sv, float so, float sa, float inv_sout,
+                                            TV* __restrict__ out) {
     const int tpg = D / VEC;
     const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long total = (long long)B * Q * M * tpg;
@@ -28,75 +110,76 @@ __device__ __forceinline__ void msda_body(const T* __restrict__ value, const qk_
     const long long bq = bqm / M;
     const int b = (int)(bq / Q);
     const int LP = L * P;
-
-    const T* awp = aw + bqm * LP;
-    const T* offp = off + bqm * (long long)LP * 2;
-    const T* refp = ref + bq * (long long)(2 * G);
-
-    // Softmax over all L*P logits; out-of-bounds points still count in the denominator.
-    float mx = -3.402823466e38f;
-    for (int j = 0; j < LP; ++j) mx = fmaxf(mx, qk_ld(awp + j));
-    float den = 0.f;
-    for (int j = 0; j < LP; ++j) den += __expf(qk_ld(awp + j) - mx);
-    const float inv_den = 1.f / den;
-
     float acc[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
-
-    const long long row = (long long)M * D;  // elements between consecutive spatial positions
-    long long start = 0;
-    for (int l = 0; l < L; ++l) {
-        const int H = (int)shapes[2 * l];
-        const int W = (int)shapes[2 * l + 1];
-        const T* vbase = value + ((long long)b * S + start) * row + (long long)m * D + c;
-        for (int p = 0; p < P; ++p) {
-            const int j = l * P + p;
-            const int g = p % G;
-            const float x = qk_ld(refp + 2 * g) * (float)W + qk_ld(offp + 2 * j) - 0.5f;
-            const float y = qk_ld(refp + 2 * g + 1) * (float)H + qk_ld(offp + 2 * j + 1) - 0.5f;
-            if (!(y > -1.f && x > -1.f && y < (float)H && x < (float)W)) continue;
-            const float w = __expf(qk_ld(awp + j) - mx) * inv_den;
-            const float fx = floorf(x), fy = floorf(y);
-            const int x0 = (int)fx, y0 = (int)fy;
-            const float lx = x - fx, ly = y - fy;
-            const float hx = 1.f - lx, hy = 1.f - ly;
-            const float cw[4] = {hy * hx * w, hy * lx * w, ly * hx * w, ly * lx * w};
-            const int cy[4] = {y0, y0, y0 + 1, y0 + 1};
-            const int cx[4] = {x0, x0 + 1, x0, x0 + 1};
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                if (cy[k] < 0 || cy[k] > H - 1 || cx[k] < 0 || cx[k] > W - 1) continue;
-                const QkVec<T, VEC> v =
-                    *reinterpret_cast<const QkVec<T, VEC>*>(vbase + ((long long)cy[k] * W + cx[k]) * row);
-                float f[VEC];
-                qk_unpack<T, VEC>(v, f);
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) acc[i] = fmaf(cw[k], f[i], acc[i]);
-            }
-        }
-        start += (long long)H * W;
-    }
-    QkVec<T, VEC> o;
-    qk_pack<T, VEC>(acc, o);
-    *reinterpret_cast<QkVec<T, VEC>*>(out + bqm * D + c) = o;
+    const long long row = (long long)M * D;
+    msda_accumulate<TV, TR, TP, VEC, QUANT>(value + (long long)b * S * row + (long long)m * D + c, row, shapes,
+                                            ref + bq * (long long)(2 * G), off + bqm * (long long)LP * 2,
+                                            aw + bqm * LP, L, P, G, so, sa, sv, acc);
+    msda_store<TV, VEC, QUANT>(out + bqm * D + c, acc, inv_sout);
 }
 
-#define QK_MSDA_KERNEL(NAME, T, VEC)                                                                        \
-    extern "C" __global__ void __launch_bounds__(256) NAME(                                               \
-        const T* value, const qk_i64* shapes, const T* ref, const T* off, const T* aw, int B, int S, int M, \
-        int D, int Q, int L, int P, int G, T* out) {                                                       \
-        msda_body<T, VEC>(value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, out);                       \
+template <typename TV, typename TR, typename TP, int VEC, bool QUANT>
+__device__ __forceinline__ void msda_smem(const TV* __restrict__ value, const qk_i64* __restrict__ shapes,
+                                          const TR* __restrict__ ref, const TP* __restrict__ off,
+                                          const TP* __restrict__ aw, int B, int S, int M, int D, int Q, int L,
+                                          int P, int G, int qchunk, float sv, float so, float sa, float inv_sout,
+                                          TV* __restrict__ out) {
+    extern __shared__ __align__(16) unsigned char qk_smem_raw[];
+    TV* sval = reinterpret_cast<TV*>(qk_smem_raw);
+    const int bm = blockIdx.y;
+    const int b = bm / M, m = bm % M;
+    const int tpg = D / VEC;
+    // Stage value[b, :, m, :] as [S][D]; consecutive threads copy consecutive vectors of one row.
+    const TV* src = value + (long long)b * S * M * D + (long long)m * D;
+    for (int i = threadIdx.x; i < S * tpg; i += blockDim.x) {
+        const int s = i / tpg, cv = (i - s * tpg) * VEC;
+        *reinterpret_cast<QkVec<TV, VEC>*>(sval + s * D + cv) =
+            *reinterpret_cast<const QkVec<TV, VEC>*>(src + (long long)s * M * D + cv);
+    }
+    __syncthreads();
+    const int groups = blockDim.x / tpg;
+    const int lane = threadIdx.x % tpg, grp = threadIdx.x / tpg;
+    if (grp >= groups) return;
+    const int c = lane * VEC;
+    const int LP = L * P;
+    const int q_end = min(Q, (blockIdx.x + 1) * qchunk);
+    for (int q = blockIdx.x * qchunk + grp; q < q_end; q += groups) {
+        const long long bq = (long long)b * Q + q;
+        const long long bqm = bq * M + m;
+        float acc[VEC];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
+        msda_accumulate<TV, TR, TP, VEC, QUANT>(sval + c, D, shapes, ref + bq * (long long)(2 * G),
+                                                off + bqm * (long long)LP * 2, aw + bqm * LP, L, P, G, so, sa, sv,
+                                                acc);
+        msda_store<TV, VEC, QUANT>(out + bqm * D + c, acc, inv_sout);
+    }
+}
+
+#define QK_MSDA_FLOAT(NAME, T, VEC)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) msda_##NAME(                                          \
+        const T* value, const qk_i64* shapes, const T* ref, const T* off, const T* aw, int B, int S, int M,  \
+        int D, int Q, int L, int P, int G, T* out) {                                                        \
+        msda_global<T, T, T, VEC, false>(value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, 1.f, 1.f, 1.f,  \
+                                         1.f, out);                                                         \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) msda_smem_##NAME(                                     \
+        const T* value, const qk_i64* shapes, const T* ref, const T* off, const T* aw, int B, int S, int M,  \
+        int D, int Q, int L, int P, int G, int qchunk, T* out) {                                            \
+        msda_smem<T, T, T, VEC, false>(value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qchunk, 1.f, 1.f, \
+                                       1.f, 1.f, out);                                                      \
     }
 
 // fp32: 4 channels (16 bytes) a thread when D % 4 == 0, else one channel a thread.
-QK_MSDA_KERNEL(msda_fp32_v4, float, 4)
-QK_MSDA_KERNEL(msda_fp32_v1, float, 1)
-// fp16: 8 channels (16 bytes, four packed half2 pairs) a thread when D % 8 == 0, one half2 pair when D is
+QK_MSDA_FLOAT(fp32_v4, float, 4)
+QK_MSDA_FLOAT(fp32_v1, float, 1)
+// fp16: 8 channels (16 bytes: four packed half2 pairs) a thread when D % 8 == 0, one half2 pair when D is
 // even, one channel otherwise. Arithmetic accumulates in fp32.
-QK_MSDA_KERNEL(msda_fp16_v8, qk_half, 8)
-QK_MSDA_KERNEL(msda_fp16_v2, qk_half, 2)
-QK_MSDA_KERNEL(msda_fp16_v1, qk_half, 1)
+QK_MSDA_FLOAT(fp16_v8, qk_half, 8)
+QK_MSDA_FLOAT(fp16_v2, qk_half, 2)
+QK_MSDA_FLOAT(fp16_v1, qk_half, 1)
 
 // INT8 variant, as the TensorRT plugin accepts it: value, offsets and weights are int8 with per-tensor scales,
 // reference points fp32, output int8 with its own scale. The four scales arrive as the bit patterns of fp32
@@ -107,68 +190,19 @@ extern "C" __global__ void __launch_bounds__(256)
                  const signed char* aw, int B, int S, int M, int D, int Q, int L, int P, int G,
                  int value_scale_bits, int offset_scale_bits, int weight_scale_bits, int out_scale_bits,
                  signed char* out) {
-    const int VEC = 8;
-    const float sv = qk_bits_to_float(value_scale_bits);
-    const float so = qk_bits_to_float(offset_scale_bits);
-    const float sa = qk_bits_to_float(weight_scale_bits);
-    const float inv_sout = 1.f / qk_bits_to_float(out_scale_bits);
-    const int tpg = D / VEC;
-    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long total = (long long)B * Q * M * tpg;
-    if (tid >= total) return;
-    const int c = (int)(tid % tpg) * VEC;
-    const long long bqm = tid / tpg;
-    const int m = (int)(bqm % M);
-    const long long bq = bqm / M;
-    const int b = (int)(bq / Q);
-    const int LP = L * P;
-    const signed char* awp = aw + bqm * LP;
-    const signed char* offp = off + bqm * (long long)LP * 2;
-    const float* refp = ref + bq * (long long)(2 * G);
+    msda_global<signed char, float, signed char, 8, true>(
+        value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qk_bits_to_float(value_scale_bits),
+        qk_bits_to_float(offset_scale_bits), qk_bits_to_float(weight_scale_bits),
+        1.f / qk_bits_to_float(out_scale_bits), out);
+}
 
-    float mx = -3.402823466e38f;
-    for (int j = 0; j < LP; ++j) mx = fmaxf(mx, sa * (float)awp[j]);
-    float den = 0.f;
-    for (int j = 0; j < LP; ++j) den += __expf(sa * (float)awp[j] - mx);
-    const float inv_den = 1.f / den;
-
-    float acc[VEC];
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
-    const long long row = (long long)M * D;
-    long long start = 0;
-    for (int l = 0; l < L; ++l) {
-        const int H = (int)shapes[2 * l];
-        const int W = (int)shapes[2 * l + 1];
-        const signed char* vbase = value + ((long long)b * S + start) * row + (long long)m * D + c;
-        for (int p = 0; p < P; ++p) {
-            const int j = l * P + p;
-            const int g = p % G;
-            const float x = refp[2 * g] * (float)W + so * (float)offp[2 * j] - 0.5f;
-            const float y = refp[2 * g + 1] * (float)H + so * (float)offp[2 * j + 1] - 0.5f;
-            if (!(y > -1.f && x > -1.f && y < (float)H && x < (float)W)) continue;
-            // The value scale is applied once per sample rather than per corner and channel.
-            const float w = __expf(sa * (float)awp[j] - mx) * inv_den * sv;
-            const float fx = floorf(x), fy = floorf(y);
-            const int x0 = (int)fx, y0 = (int)fy;
-            const float lx = x - fx, ly = y - fy;
-            const float hx = 1.f - lx, hy = 1.f - ly;
-            const float cw[4] = {hy * hx * w, hy * lx * w, ly * hx * w, ly * lx * w};
-            const int cy[4] = {y0, y0, y0 + 1, y0 + 1};
-            const int cx[4] = {x0, x0 + 1, x0, x0 + 1};
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                if (cy[k] < 0 || cy[k] > H - 1 || cx[k] < 0 || cx[k] > W - 1) continue;
-                const QkVec<signed char, VEC> v = *reinterpret_cast<const QkVec<signed char, VEC>*>(
-                    vbase + ((long long)cy[k] * W + cx[k]) * row);
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) acc[i] = fmaf(cw[k], (float)v.v[i], acc[i]);
-            }
-        }
-        start += (long long)H * W;
-    }
-    QkVec<signed char, VEC> o;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) o.v[i] = qk_quantize_i8(acc[i] * inv_sout);
-    *reinterpret_cast<QkVec<signed char, VEC>*>(out + bqm * D + c) = o;
+extern "C" __global__ void __launch_bounds__(256)
+    msda_smem_int8_v8(const signed char* value, const qk_i64* shapes, const float* ref, const signed char* off,
+                      const signed char* aw, int B, int S, int M, int D, int Q, int L, int P, int G, int qchunk,
+                      int value_scale_bits, int offset_scale_bits, int weight_scale_bits, int out_scale_bits,
+                      signed char* out) {
+    msda_smem<signed char, float, signed char, 8, true>(
+        value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qchunk, qk_bits_to_float(value_scale_bits),
+        qk_bits_to_float(offset_scale_bits), qk_bits_to_float(weight_scale_bits),
+        1.f / qk_bits_to_float(out_scale_bits), out);
 }

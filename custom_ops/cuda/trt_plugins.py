@@ -57,12 +57,19 @@ class Launch:
     grid: Tuple
     block: Tuple[int, int, int]
     extras: List
+    shared_mem: int = 0
+
+
+SMEM_QCHUNK = 128
+SMEM_LIMIT = 48 * 1024  # no opt-in attribute can be set on a TensorRT AOT kernel, so stay under the default
 
 
 def msda_launch(dtype: str, value_shape: Sequence, num_levels, ref_last, weights_last, num_queries,
-                cdiv: Callable = _int_cdiv, scales: Sequence[float] = ()) -> Launch:
+                cdiv: Callable = _int_cdiv, scales: Sequence[float] = (), form: str = "auto") -> Launch:
     """Launch of MultiScaleDeformableAttn: dtype "fp32" | "fp16" | "int8"; ``value_shape`` (B, S, M, D) with a
-    concrete D; sizes may be ints or symbolic. For int8, ``scales`` are (value, offsets, weights, output)."""
+    concrete D; sizes may be ints or symbolic. For int8, ``scales`` are (value, offsets, weights, output).
+    ``form`` "smem" stages each (b, m) value slice in shared memory (needs a concrete S with S*D*size <= 48 KB;
+    "auto" takes it then), "global" gathers through the caches (see msda.cu)."""
     B, S, M, D = value_shape
     D = int(D)
     L = num_levels
@@ -80,9 +87,20 @@ def msda_launch(dtype: str, value_shape: Sequence, num_levels, ref_last, weights
         kernel = f"msda_fp32_v{vec}"
     else:
         raise ValueError(f"unsupported MultiScaleDeformableAttn type {dtype}")
-    extras = [B, S, M, D, num_queries, L, P, G]
-    if dtype == "int8":
-        extras += [float_bits(s) for s in scales]
+    esize = {"fp32": 4, "fp16": 2, "int8": 1}[dtype]
+    s_const = S if isinstance(S, int) else (S.constant_value if getattr(S, "is_constant", False) else None)
+    fits = s_const is not None and s_const * D * esize <= SMEM_LIMIT
+    if form == "smem" and not fits:
+        raise ValueError("the shared-memory MSDA form needs a constant S with S*D*size <= 48 KB")
+    use_smem = form == "smem" or (form == "auto" and fits)
+    quant = [float_bits(s) for s in scales] if dtype == "int8" else []
+    if use_smem:
+        extras = [B, S, M, D, num_queries, L, P, G, SMEM_QCHUNK] + quant
+        launch = Launch("msda", kernel.replace("msda_", "msda_smem_", 1),
+                        (cdiv(num_queries, SMEM_QCHUNK), B * M, 1), (BLOCK, 1, 1), extras)
+        launch.shared_mem = s_const * D * esize
+        return launch
+    extras = [B, S, M, D, num_queries, L, P, G] + quant
     threads = B * num_queries * M * (D // vec)
     return Launch("msda", kernel, (cdiv(threads, BLOCK), 1, 1), (BLOCK, 1, 1), extras)
 
@@ -152,7 +170,7 @@ def register(namespace: str = DEFAULT_NAMESPACE, names: Sequence[str] = MSDA_NAM
         params = trtp.KernelLaunchParams()
         params.grid_x, params.grid_y, params.grid_z = launch.grid
         params.block_x, params.block_y, params.block_z = launch.block
-        params.shared_mem = 0
+        params.shared_mem = launch.shared_mem
         extras = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in launch.extras])
         return launch.kernel.encode(), ptx(launch.source), params, extras
 

@@ -69,6 +69,9 @@ def _ptx_params(ptx: str):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("launch,n_in,n_out", [
     (tp.msda_launch("fp32", (6, 375, 8, 32), 1, 8, 8, 2500), 5, 1),
+    (tp.msda_launch("fp32", (6, 375, 8, 32), 1, 8, 8, 2500, form="global"), 5, 1),
+    (tp.msda_launch("int8", (6, 375, 8, 32), 1, 8, 8, 2500, scales=(0.1, 0.2, 0.3, 0.4), form="global"), 5, 1),
+    (tp.msda_launch("fp16", (2, 2500, 8, 32), 1, 2, 4, 2500), 5, 1),
     (tp.msda_launch("fp16", (6, 375, 8, 32), 1, 8, 8, 2500), 5, 1),
     (tp.msda_launch("fp16", (1, 10, 2, 3), 1, 2, 4, 7), 5, 1),
     (tp.msda_launch("int8", (6, 375, 8, 32), 1, 8, 8, 2500, scales=(0.1, 0.2, 0.3, 0.4)), 5, 1),

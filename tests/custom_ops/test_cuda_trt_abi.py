@@ -68,14 +68,17 @@ def _launch_trt_style(launch: tp.Launch, inputs, outputs):
     types = ([ctypes.c_void_p] * len(inputs) + [ctypes.c_int32] * len(launch.extras)
              + [ctypes.c_void_p] * len(outputs))
     stream = torch.cuda.current_stream().cuda_stream
-    _ok(drv.cuLaunchKernel(fn, *[int(g) for g in launch.grid], *launch.block, 0, drv.CUstream(stream),
+    if launch.shared_mem > 48 * 1024:
+        pytest.fail("TensorRT AOT launches must stay within 48 KB of dynamic shared memory")
+    _ok(drv.cuLaunchKernel(fn, *[int(g) for g in launch.grid], *launch.block, launch.shared_mem, drv.CUstream(stream),
                            (tuple(values), tuple(types)), 0))
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("form", ["global", "auto"])
 @pytest.mark.parametrize("dtype_name,tol", [("float32", 1e-4), ("float16", 2e-3)])
 @pytest.mark.parametrize("case", ["sca", "decoder", "odd"])
-def test_msda_ptx_with_trt_abi(case, dtype_name, tol):
+def test_msda_ptx_with_trt_abi(case, dtype_name, tol, form):
     import torch
 
     cases = {**T.BEVFORMER_TINY_MSDA, "odd": (2, [(7, 5), (3, 11)], 3, 6, 21, 4, 2)}
@@ -89,14 +92,17 @@ def test_msda_ptx_with_trt_abi(case, dtype_name, tol):
     tens[1] = torch.tensor(raw.spatial_shapes, dtype=torch.int64, device=dev)
     out = T.poisoned((B, Q, M, D), dtype, dev)
     launch = tp.msda_launch("fp32" if dtype == torch.float32 else "fp16", (B, sum(h * w for h, w in shapes), M, D),
-                            len(shapes), 2 * G, len(shapes) * P, Q)
+                            len(shapes), 2 * G, len(shapes) * P, Q, form=form)
+    if case in ("sca", "odd") and form == "auto":
+        assert launch.kernel.startswith("msda_smem_")
     _launch_trt_style(launch, tens, [out])
     got = out.double().cpu().numpy()
     assert not np.isnan(got).any()
     assert T.rel_err(got, reference.ms_deform_attn(*inp)) < tol
 
 
-def test_msda_int8_ptx_with_trt_abi():
+@pytest.mark.parametrize("form", ["global", "smem"])
+def test_msda_int8_ptx_with_trt_abi(form):
     import torch
 
     B, shapes, M, D, Q, P, G = T.BEVFORMER_TINY_MSDA["sca"]
@@ -114,7 +120,7 @@ def test_msda_int8_ptx_with_trt_abi():
     sout = float(np.abs(ref).max()) / 127.0
     dev = torch.device("cuda")
     out = torch.full((B, Q, M, D), -77, dtype=torch.int8, device=dev)
-    launch = tp.msda_launch("int8", (B, 375, M, D), 1, 2 * G, P, Q, scales=(sv, so, sa, sout))
+    launch = tp.msda_launch("int8", (B, 375, M, D), 1, 2 * G, P, Q, scales=(sv, so, sa, sout), form=form)
     _launch_trt_style(launch, [torch.tensor(qv, device=dev), torch.tensor(raw.spatial_shapes, device=dev),
                                torch.tensor(ref32, dtype=torch.float32, device=dev), torch.tensor(qo, device=dev),
                                torch.tensor(qa, device=dev)], [out])
