@@ -250,7 +250,8 @@ class MultiScaleDeformableAttnFunction(torch.autograd.Function):
         ctx.save_for_backward(value, spatial_shapes, reference_points, sampling_offsets, attention_weights)
         ctx.extra = ()
         args = (value, spatial_shapes, reference_points, sampling_offsets, attention_weights)
-        kernel = _cuda_kernel("ms_deform_attn", args)
+        # spatial_shapes is usually a host constant; the CUDA wrapper uploads it once, so it does not gate the kernel
+        kernel = _cuda_kernel("ms_deform_attn", (value, reference_points, sampling_offsets, attention_weights))
         return kernel(*args) if kernel is not None else ms_deform_attn_torch(*args)
 
     @staticmethod
