@@ -16,6 +16,7 @@ sample a plugin returns is checked the same way as the built-in ones.
 
 from __future__ import annotations
 
+import mmap as mmap_module
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -153,7 +154,10 @@ class ArraySource(CalibrationSource):
         if not 0 <= i < self._n:
             raise IndexError(i)
         # Copy one slice only: with memory-mapped arrays this is what keeps memory bounded by a sample.
-        return {n: np.ascontiguousarray(a[i * self._batch[n] : (i + 1) * self._batch[n]]) for n, a in self._arrays.items()}
+        out = {n: np.array(a[i * self._batch[n] : (i + 1) * self._batch[n]]) for n, a in self._arrays.items()}
+        for a in self._arrays.values():
+            _release_pages(a)
+        return out
 
     def describe(self) -> str:
         return f"{self.where} ({self._n} samples)"
@@ -215,6 +219,19 @@ def builtin_source(spec: str, inputs: InputSpec) -> CalibrationSource | None:
             )
         return ArraySource({next(iter(inputs)): _load_npy(path, mmap=True)}, inputs, f"calibration file {spec}")
     return None
+
+
+def _release_pages(a: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped array from this process's resident set (they stay in the page cache).
+
+    Without it every page read stays mapped, and the resident size grows with the data read so far.
+    """
+    mm = getattr(a, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap_module, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap_module.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:

@@ -11,15 +11,19 @@ Rule kinds (the label each gets in the report is ``kind:value``):
 A rule that matches no node is an error, because a silent no-op exclusion is the commonest quantization
 complaint; mark a rule optional to allow it (its label, or just its value, in ``optional_rules``).
 
-TOML form, in a recipe step or a rule file::
+TOML form: the ``qdq`` step of a pipeline file (``qdqkit apply --config FILE.toml``) takes the option names::
 
-    [exclude]
-    op_types = ["MatMul"]
-    nodes = ["head/.*"]          # regex, full match
-    nodes_glob = ["*/attn/*"]
-    between = [["t_in", "t_out"]]
-    patterns = ["mha"]
-    optional = ["pattern:layernorm", "head/.*"]
+    [[pass]]
+    name = "qdq"
+    exclude_op_types = ["MatMul"]
+    exclude_nodes = ["head/.*"]            # regex, full match
+    exclude_nodes_glob = ["*/attn/*"]
+    exclude_between = [["t_in", "t_out"]]
+    exclude_patterns = ["mha"]
+    optional_rules = ["pattern:layernorm", "head/.*"]
+
+A plugin or a standalone rule file may use the shorter ``[exclude]`` table read by
+`ExclusionRules.from_toml_table` (keys op_types, nodes, nodes_glob, between, patterns, optional).
 """
 
 from __future__ import annotations

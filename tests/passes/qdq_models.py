@@ -24,8 +24,9 @@ CLASSES = 10
 
 
 class _Builder:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, grid: int = GRID, width: int = C) -> None:
         self.rng = np.random.default_rng(seed)
+        self.grid, self.width, self.tokens = grid, width, grid * grid
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
 
@@ -53,8 +54,9 @@ class _Builder:
         return self.const(name, np.array(dims, dtype=np.int64))
 
     def layernorm(self, x: str, name: str, fused: bool) -> str:
-        gamma = self.const(f"{name}.gamma", (1 + 0.1 * self.rng.standard_normal(C)).astype(np.float32))
-        beta = self.const(f"{name}.beta", (0.05 * self.rng.standard_normal(C)).astype(np.float32))
+        c = self.width
+        gamma = self.const(f"{name}.gamma", (1 + 0.1 * self.rng.standard_normal(c)).astype(np.float32))
+        beta = self.const(f"{name}.beta", (0.05 * self.rng.standard_normal(c)).astype(np.float32))
         if fused:
             return self.node("LayerNormalization", [x, gamma, beta], f"{name}/LayerNorm", axis=-1, epsilon=1e-5)
         mean = self.node("ReduceMean", [x], f"{name}/ReduceMean", axes=[-1])
@@ -71,6 +73,7 @@ class _Builder:
 
 
 def _mha(b: _Builder, x: str, name: str) -> str:
+    C, TOKENS, MHA_DIM = b.width, b.tokens, b.width // MHA_HEADS
     q = b.linear(x, f"{name}/q_proj", C, C)
     k = b.linear(x, f"{name}/k_proj", C, C)
     v = b.linear(x, f"{name}/v_proj", C, C)
@@ -89,6 +92,7 @@ def _mha(b: _Builder, x: str, name: str) -> str:
 
 
 def _msda(b: _Builder, x: str, name: str, ref: str, shapes: str) -> str:
+    C, TOKENS, MSDA_DIM = b.width, b.tokens, b.width // MSDA_HEADS
     value = b.linear(x, f"{name}/value_proj", C, MSDA_HEADS * MSDA_DIM)
     value = b.node("Reshape", [value, b.shape(f"{name}.vshape", [1, TOKENS, MSDA_HEADS, MSDA_DIM])], f"{name}/value")
     off = b.linear(x, f"{name}/offset_proj", C, MSDA_HEADS * POINTS * 2, scale=0.3)
@@ -100,12 +104,14 @@ def _msda(b: _Builder, x: str, name: str, ref: str, shapes: str) -> str:
     return b.linear(y, f"{name}/output_proj", C, C)
 
 
-def transformer_msda(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
-    """The plugin-laden transformer described in the module docstring (input ``image`` [1,3,16,16]).
+def transformer_msda(seed: int = 0, opset: int = 17, grid: int = GRID, width: int = C) -> onnx.ModelProto:
+    """The plugin-laden transformer described in the module docstring.
 
-    Outputs: ``logits`` [1,10] and ``tokens`` [1,64,32] (the last block's output).
+    Input ``image`` [1,3,2*grid,2*grid]; outputs ``logits`` [1,10] and ``tokens`` [1,grid*grid,width] (the last
+    block's output). The defaults (grid 8, width 32) make the test model; benchmarks use larger ones.
     """
-    b = _Builder(seed)
+    C, GRID, TOKENS = width, grid, grid * grid
+    b = _Builder(seed, grid, width)
     w1 = b.weight("stem.conv1.weight", (16, 3, 3, 3))
     x = b.node("Conv", ["image", w1, b.const("stem.conv1.bias", np.zeros(16, np.float32))], "stem/conv1",
                pads=[1, 1, 1, 1], strides=[2, 2])
@@ -129,7 +135,7 @@ def transformer_msda(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="head/logits"))
     graph = helper.make_graph(
         b.nodes, "transformer_msda",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, list(IMG))],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 2 * grid, 2 * grid])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, CLASSES]),
          helper.make_tensor_value_info("tokens", TensorProto.FLOAT, [1, TOKENS, C])],
         b.inits,
@@ -139,15 +145,15 @@ def transformer_msda(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     return model
 
 
-def calibration_images(n: int, seed: int = 1) -> np.ndarray:
+def calibration_images(n: int, seed: int = 1, size: int = IMG[2]) -> np.ndarray:
     """``n`` samples for ``image`` concatenated along axis 0 (smooth blobs plus noise, not pure noise)."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:IMG[2], 0:IMG[3]] / IMG[2]
-    out = np.empty((n, *IMG[1:]), np.float32)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = np.empty((n, 3, size, size), np.float32)
     for i in range(n):
         cx, cy, f = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(2, 6)
         base = np.sin(f * (xx - cx)) * np.cos(f * (yy - cy))
-        out[i] = base[None] * rng.uniform(0.5, 1.5, (3, 1, 1)) + 0.2 * rng.standard_normal(IMG[1:])
+        out[i] = base[None] * rng.uniform(0.5, 1.5, (3, 1, 1)) + 0.2 * rng.standard_normal((3, size, size))
     return out
 
 

@@ -229,3 +229,30 @@ def test_custom_op_without_cpu_kernel(tmp_path, capsys):
     _one_line_exit_2(capsys, ["apply", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "-p",
                               "qdq_nokernel_plugin", "--calib", str(tmp_path / "c.npz"), "--passes", "qdq"],
                      "NoKernelScaleTRT", "no CPU implementation")
+
+
+def test_rules_from_a_toml_pipeline(files, tmp_path):
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text('''
+[[pass]]
+name = "qdq"
+calib_samples = 8
+exclude_between = [["block1/ln2/Add_1", "block1/msda/output_proj/Add"]]
+exclude_nodes_glob = ["head/*"]
+exclude_patterns = ["mha", "layernorm"]
+exclude_op_types = ["Gemm"]
+optional_rules = ["op-type:Gemm"]
+''')
+    rep = tmp_path / "r.json"
+    rc = main(["apply", str(files / "model.onnx"), "-o", str(tmp_path / "o.onnx"), "--calib", str(files / "calib.npz"),
+               "--config", str(cfg), "--report", str(rep), "-q"])
+    assert rc == 0
+    by_rule = _step(json.loads(rep.read_text()), "qdq")["rules"]["by_rule"]
+    assert by_rule["op-type:Gemm"] == []
+    assert "block1/msda/MultiScaleDeformableAttnTRT2" in by_rule[
+        "between:block1/ln2/Add_1..block1/msda/output_proj/Add"]
+    assert by_rule["node-glob:head/*"] == ["head/tokens", "head/pool", "head/fc/MatMul", "head/fc/Add", "head/logits"]
+    assert len(by_rule["pattern:layernorm"]) == 2 + 18
+    q = onnx.load(tmp_path / "o.onnx")
+    assert _dq_fed(q, "block1/msda/output_proj/MatMul") == [False, False]
+    assert _dq_fed(q, "block0/msda/output_proj/MatMul") == [True, True]
