@@ -5,12 +5,12 @@ native kernels; nothing is marshalled through Python. The registry attaches thes
 of a model and strips them from the model written for TensorRT. Every builder takes the model's default-domain
 opset (13..21 must work) because onnxruntime inlines the body at that opset:
 
-- MSDA: bilinear sampling is a Gather of value rows at precomputed flat indices (4 corners, the bounds folded
-  into the weights) and a batched MatMul with the softmax weights; valid at every opset. An alternative for
-  opset >= 16 samples all levels in one GridSample call (each level zero-padded to the largest one, which is
-  exact: a padded pixel is "outside", as in the plugin). Measured at BEVFormer-tiny shapes on 2 cores the Gather
-  form is 2-4x faster (``benchmarks/cpu_ops_bench.py``), so it is the default everywhere; GridSample stays
-  selectable for comparison.
+- MSDA: first a table of 2x2 pixel neighbourhoods (every level zero-padded to the largest one plus a 1-pixel
+  border, so the plugin's out-of-image corners are zeros in the table), then one Gather of 4*D-wide rows at
+  the samples' flat indices and one batched MatMul with the softmax x bilinear weights; valid at every opset.
+  Two alternatives stay selectable for the benchmark: four Gathers of D-wide rows with the bounds folded into
+  the weights ("gather"), and, from opset 16, one GridSample call over all levels ("gridsample"). Measured at
+  BEVFormer-tiny shapes on 2 cores (``benchmarks/cpu_ops_bench.py``) the table is the fastest.
 - Rotate: explicit inverse rotation and Gather; the ``interpolation`` attribute is read through an attribute
   reference and selects between the nearest and bilinear results.
 - ModulatedDeformableConv2d: Gather-based im2col with moving taps, then a grouped MatMul.
@@ -35,8 +35,9 @@ __all__ = ["ms_deform_attn_function", "rotate_function", "modulated_deform_conv2
 FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64
 
-# MSDA at opset >= 16: "gridsample" or "gather"; chosen by measurement (benchmarks/cpu_ops_bench.py).
-MSDA_SAMPLER_AT_16 = "gather"
+# How MSDA samples: "table" (shipped), "gather" or "gridsample" (opset >= 16); chosen by measurement
+# (benchmarks/cpu_ops_bench.py), the others kept selectable for that comparison.
+MSDA_SAMPLER = "table"
 
 
 class _Body:
@@ -123,11 +124,10 @@ def _check_opset(opset: int, op: str) -> None:
 def ms_deform_attn_function(opset: int, sampler: str | None = None) -> onnx.FunctionProto:
     """MSDA (bevformer-tiny.md §4.2) as standard ops valid at ``opset``.
 
-    ``sampler`` forces "gather" or "gridsample" (the latter needs opset >= 16); by default gather below 16 and
-    ``MSDA_SAMPLER_AT_16`` from 16 on.
+    ``sampler`` picks "table", "gather" or "gridsample" (the latter needs opset >= 16); default ``MSDA_SAMPLER``.
     """
     _check_opset(opset, "MultiScaleDeformableAttn")
-    sampler = sampler or ("gather" if opset < 16 else MSDA_SAMPLER_AT_16)
+    sampler = sampler or MSDA_SAMPLER
     if sampler == "gridsample" and opset < 16:
         raise ValueError("the GridSample formulation of MSDA needs opset 16 or later")
     b = _Body("msda")
@@ -170,8 +170,12 @@ def ms_deform_attn_function(opset: int, sampler: str | None = None) -> onnx.Func
 
     if sampler == "gridsample":
         out = _msda_gridsample(b, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, opset)
-    else:
+    elif sampler == "table":
+        out = _msda_corner_table(b, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, Hf, Wf)
+    elif sampler == "gather":
         out = _msda_gather(b, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, Hf, Wf)
+    else:
+        raise ValueError(f"unknown MSDA sampler {sampler!r}: use 'table', 'gather' or 'gridsample'")
     b.cast_back(out, "value", opset)
     b.nodes[-1].output[0] = "output"
     return _function("MultiScaleDeformableAttnTRT", ["value", "spatial_shapes", "reference_points",
@@ -222,6 +226,68 @@ def _msda_gather(b: _Body, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, Hf, Wf) 
             part = b.MatMul(b.Unsqueeze(b.Reshape(cw, flat_shape), b.const([3])), gathered)  # [B,Q,M,1,D]
             acc = part if acc is None else b.Add(acc, part)
     return b.Squeeze(acc, b.const([3]))
+
+
+def _msda_corner_table(b: _Body, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, Hf, Wf) -> str:
+    """Bilinear sampling through a table of 2x2 neighbourhoods: one Gather of 4*D-wide rows and one MatMul.
+
+    Row (b, m, l, py, px) of the table holds the four pixels (py-1+dy, px-1+dx), dy, dx in {0, 1}, of level l,
+    zero where that pixel lies outside the level; levels are padded to the largest one plus a 1-pixel border.
+    A sample at (x, y) with floor (x0, y0) reads row (y0+1, x0+1): for -1 <= x0 <= W-1 and -1 <= y0 <= H-1 the
+    zero entries are exactly the plugin's out-of-image corners, and any other sample is outside (-1, size) and
+    gets weight 0.
+    """
+    one_i = b.const(1)
+    Hp = b.Add(b.ReduceMax(Hs, keepdims=1), b.const([2]))  # padded height, [1]
+    Wp = b.Add(b.ReduceMax(Ws, keepdims=1), b.const([2]))
+    hw = b.Mul(Hs, Ws)
+    starts = b.Reshape(b.Sub(b.CumSum(hw, b.const(0)), hw), b.const([-1, 1, 1]))
+    H3 = b.Reshape(Hs, b.const([-1, 1, 1]))
+    W3 = b.Reshape(Ws, b.const([-1, 1, 1]))
+    top = b.Reshape(b.Sub(b.Range(b.const(0), b.scalar(Hp), one_i), one_i), b.const([1, -1, 1]))  # py - 1
+    left = b.Reshape(b.Sub(b.Range(b.const(0), b.scalar(Wp), one_i), one_i), b.const([1, 1, -1]))
+    corners = []
+    for dy in (0, 1):
+        for dx in (0, 1):
+            yy = b.Add(top, b.const(dy))
+            xx = b.Add(left, b.const(dx))
+            inside = b.And(b.And(b.GreaterOrEqual(yy, b.const(0)), b.Less(yy, H3)),
+                           b.And(b.GreaterOrEqual(xx, b.const(0)), b.Less(xx, W3)))
+            src = b.Where(inside, b.Add(starts, b.Add(b.Mul(yy, W3), xx)), S)  # [L,Hp,Wp], S = the zero row
+            corners.append(b.Unsqueeze(src, b.const([3])))
+    src = b.Reshape(b.Concat(*corners, axis=3), b.const([-1]))  # [L*Hp*Wp*4]
+    v = b.Pad(b.Transpose(value, perm=[0, 2, 1, 3]), b.const([0, 0, 0, 0, 0, 0, 1, 0]))  # [B,M,S+1,D]
+    table = b.Reshape(b.Gather(v, src, axis=2), b.Concat(b.const([-1]), b.Mul(D, b.const([4])), axis=0))
+
+    zero = b.const(0.0, FLOAT)
+    one = b.const(1.0, FLOAT)
+    x0 = b.Floor(x)
+    y0 = b.Floor(y)
+    lx = b.Sub(x, x0)
+    ly = b.Sub(y, y0)
+    m1 = b.const(-1.0, FLOAT)
+    valid = b.And(b.And(b.GreaterOrEqual(x0, m1), b.LessOrEqual(x0, b.Sub(Wf, one))),
+                  b.And(b.GreaterOrEqual(y0, m1), b.LessOrEqual(y0, b.Sub(Hf, one))))
+    wv = b.Mul(w, b.Cast(valid, to=FLOAT))
+    hx, hy = b.Sub(one, lx), b.Sub(one, ly)
+    cw = [b.Unsqueeze(b.Mul(wv, b.Mul(wy, wx)), b.const([5])) for wy in (hy, ly) for wx in (hx, lx)]
+    cw = b.Concat(*cw, axis=5)  # [B,Q,M,L,P,4], same corner order as the table rows
+
+    Hpf = b.to_float(Hp)
+    Wpf = b.to_float(Wp)
+    rowf = b.Add(b.Mul(b.Max(b.Min(b.Add(y0, one), b.Sub(Hpf, one)), zero), Wpf),
+                 b.Max(b.Min(b.Add(x0, one), b.Sub(Wpf, one)), zero))  # [B,Q,M,L,P], exact in float32
+    b_idx = b.Reshape(b.Range(b.const(0), b.scalar(B), one_i), b.const([-1, 1, 1, 1, 1]))
+    m_idx = b.Reshape(b.Range(b.const(0), b.scalar(M), one_i), b.const([1, 1, -1, 1, 1]))
+    l_idx = b.Reshape(b.Range(b.const(0), b.scalar(L), one_i), b.const([1, 1, 1, -1, 1]))
+    plane = b.Mul(Hp, Wp)
+    base = b.Mul(b.Add(b.Mul(b.Add(b.Mul(b_idx, M), m_idx), L), l_idx), plane)  # [B,1,M,L,1]
+    idx = b.Add(base, b.Cast(rowf, to=INT64))
+    flat = b.Concat(B, Q, M, b.const([-1]), axis=0)
+    gathered = b.Gather(table, b.Reshape(idx, flat), axis=0)  # [B,Q,M,L*P,4D]
+    gathered = b.Reshape(gathered, b.Concat(B, Q, M, b.const([-1]), D, axis=0))  # [B,Q,M,L*P*4,D]
+    out = b.MatMul(b.Unsqueeze(b.Reshape(cw, flat), b.const([3])), gathered)  # [B,Q,M,1,D]
+    return b.Squeeze(out, b.const([3]))
 
 
 def _msda_gridsample(b: _Body, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, opset) -> str:

@@ -46,19 +46,28 @@ def test_msda_odd_sizes_every_opset(reg, name, opset, domain):
     assert_close(run_cpu(reg, model, inputs), R.ms_deform_attn(*inputs))
 
 
-@pytest.mark.parametrize("name", list(ODD_MSDA))
-def test_msda_gridsample_formulation_is_exact_too(reg, name):
-    """The opset-16 GridSample alternative (kept for the benchmark) computes the same maths."""
+@pytest.mark.parametrize("name", list(ODD_MSDA) + ["decoder"])
+@pytest.mark.parametrize("sampler,opset", [("gather", 13), ("gather", 20), ("gridsample", 17), ("gridsample", 21)])
+def test_msda_alternative_formulations_are_exact_too(name, sampler, opset):
+    """The alternatives kept for the benchmark compute the same maths as the shipped table form."""
     import onnxruntime as ort
 
-    inputs = msda_inputs(ODD_MSDA[name], seed=7, spread=0.4)
-    model = one_node_model("MultiScaleDeformableAttnTRT2", inputs, {}, 17, "trt.plugins")
-    fn = functions.ms_deform_attn_function(17, sampler="gridsample")
+    assert functions.MSDA_SAMPLER == "table"
+    inputs = msda_inputs({**ODD_MSDA, **BEVFORMER_TINY_MSDA}[name], seed=7, spread=0.4)
+    model = one_node_model("MultiScaleDeformableAttnTRT2", inputs, {}, opset, "trt.plugins")
+    fn = functions.ms_deform_attn_function(opset, sampler=sampler)
     fn.domain, fn.name = "trt.plugins", "MultiScaleDeformableAttnTRT2"
     model.functions.append(fn)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(None, dict(zip([i.name for i in sess.get_inputs()], inputs)))[0]
     assert_close(got, R.ms_deform_attn(*inputs))
+
+
+def test_msda_unknown_sampler_and_gridsample_below_16():
+    with pytest.raises(ValueError, match="unknown MSDA sampler"):
+        functions.ms_deform_attn_function(13, sampler="loop")
+    with pytest.raises(ValueError, match="opset 16"):
+        functions.ms_deform_attn_function(15, sampler="gridsample")
 
 
 def test_msda_int32_spatial_shapes(reg):
