@@ -291,13 +291,22 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
             vec = cand
             break
     form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, esize, value.device, strategy)
+    name = f"{_fast_prefix(L, P, vec in (4, 8), aw, off)}{kind}_v{vec}"
     if form == "smem":
-        _launch("msda", f"msda_smem_{kind}_v{vec}", grid, (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G,
-                                                         qchunk, out), value.device, smem)
+        _launch("msda", f"msda_smem_{name}", grid, (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G,
+                                                   qchunk, out), value.device, smem)
     else:
-        _launch("msda", f"msda_{kind}_v{vec}", _grid1(B * Q * M * (D // vec)),
+        _launch("msda", f"msda_{name}", _grid1(B * Q * M * (D // vec)),
                 (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, out), value.device)
     return out
+
+
+def _fast_prefix(L, P, wide: bool, *runs) -> str:
+    """"lp4_" / "lp8_" for the single-level kernels with a compile-time point count (vector loads of the logits
+    and offsets need 16-byte aligned tensors), else ""."""
+    if L == 1 and P in (4, 8) and wide and _aligned(16, *runs):
+        return f"lp{P}_"
+    return ""
 
 
 def _float_bits(x: float) -> int:
@@ -343,11 +352,12 @@ def ms_deform_attn_int8(value, spatial_shapes, reference_points, sampling_offset
     scales = (_float_bits(value_scale), _float_bits(offset_scale), _float_bits(weight_scale),
               _float_bits(out_scale))
     form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, 1, value.device, strategy)
+    name = f"{_fast_prefix(L, P, True, aw, off)}int8_v8"
     if form == "smem":
-        _launch("msda", "msda_smem_int8_v8", grid,
+        _launch("msda", f"msda_smem_{name}", grid,
                 (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qchunk, *scales, out), value.device, smem)
     else:
-        _launch("msda", "msda_int8_v8", _grid1(B * Q * M * (D // 8)),
+        _launch("msda", f"msda_{name}", _grid1(B * Q * M * (D // 8)),
                 (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, *scales, out), value.device)
     return out
 

@@ -46,7 +46,6 @@ __device__ __forceinline__ void msda_accumulate(const TV* vsrc, long long row, c
         const int H = (int)shapes[2 * l];
         const int W = (int)shapes[2 * l + 1];
         const TV* vb = vsrc + start * row;
-#pragma unroll 2
         for (int p = 0; p < P; ++p) {
             const int j = l * P + p;
             const int g = p % G;
@@ -59,26 +58,88 @@ __device__ __forceinline__ void msda_accumulate(const TV* vsrc, long long row, c
             const float lx = x - fx, ly = y - fy;
             const float hx = 1.f - lx, hy = 1.f - ly;
             const float cw[4] = {hy * hx * w, hy * lx * w, ly * hx * w, ly * lx * w};
-            const bool okx0 = x0 >= 0, okx1 = x0 + 1 <= W - 1, oky0 = y0 >= 0, oky1 = y0 + 1 <= H - 1;
-            const bool ok[4] = {oky0 && okx0, oky0 && okx1, oky1 && okx0, oky1 && okx1};
-            const long long base = (long long)y0 * W + x0;
-            const long long idx[4] = {base, base + 1, base + W, base + W + 1};
-            // all four corner loads are issued before any of them is used
-            QkVec<TV, VEC> v[4];
+            const int cy[4] = {y0, y0, y0 + 1, y0 + 1};
+            const int cx[4] = {x0, x0 + 1, x0, x0 + 1};
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-                if (ok[k]) v[k] = *reinterpret_cast<const QkVec<TV, VEC>*>(vb + idx[k] * row);
-            }
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                if (!ok[k]) continue;
+                if (cy[k] < 0 || cy[k] > H - 1 || cx[k] < 0 || cx[k] > W - 1) continue;
+                const QkVec<TV, VEC> v =
+                    *reinterpret_cast<const QkVec<TV, VEC>*>(vb + ((long long)cy[k] * W + cx[k]) * row);
                 float f[VEC];
-                qk_unpack<TV, VEC>(v[k], f);
+                qk_unpack<TV, VEC>(v, f);
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) acc[i] = fmaf(cw[k], f[i], acc[i]);
             }
         }
         start += (long long)H * W;
+    }
+}
+
+// Loads N consecutive elements of type T (16-byte aligned run) into floats with the widest vector loads.
+template <typename T, int N>
+__device__ __forceinline__ void qk_load_run(const T* __restrict__ p, float* dst) {
+    constexpr int CH = (N * (int)sizeof(T) >= 16) ? 16 / (int)sizeof(T) : N;
+#pragma unroll
+    for (int i = 0; i < N; i += CH) {
+        const QkVec<T, CH> v = *reinterpret_cast<const QkVec<T, CH>*>(p + i);
+#pragma unroll
+        for (int k = 0; k < CH; ++k) dst[i + k] = qk_ld(&v.v[k]);
+    }
+}
+
+// The single-level case with a compile-time point count LP (every BEVFormer call: L = 1, P = 4 or 8).
+// Logits and offsets of the (b,q,m) arrive in a few vector loads, the softmax runs in registers, and the
+// fully unrolled point loop lets the compiler put every corner load of every point in flight at once: the
+// generic loop above is bound by one memory latency per point, not by bandwidth.
+template <typename TV, typename TR, typename TP, int VEC, bool QUANT, int LP>
+__device__ __forceinline__ void msda_accumulate_fast(const TV* vsrc, long long row, int H, int W,
+                                                     const TR* __restrict__ refp, const TP* __restrict__ offp,
+                                                     const TP* __restrict__ awp, int G, float so, float sa,
+                                                     float sv, float* acc) {
+    float a[LP], o[2 * LP];
+    qk_load_run<TP, LP>(awp, a);
+    qk_load_run<TP, 2 * LP>(offp, o);
+    float mx = -3.402823466e38f;
+#pragma unroll
+    for (int j = 0; j < LP; ++j) {
+        a[j] = msda_param<QUANT>(a[j], sa);
+        mx = fmaxf(mx, a[j]);
+    }
+    float den = 0.f;
+#pragma unroll
+    for (int j = 0; j < LP; ++j) {
+        a[j] = __expf(a[j] - mx);
+        den += a[j];
+    }
+    const float inv_den = (QUANT ? sv : 1.f) / den;
+#pragma unroll
+    for (int p = 0; p < LP; ++p) {
+        const int g = p % G;
+        const float x = qk_ld(refp + 2 * g) * (float)W + msda_param<QUANT>(o[2 * p], so) - 0.5f;
+        const float y = qk_ld(refp + 2 * g + 1) * (float)H + msda_param<QUANT>(o[2 * p + 1], so) - 0.5f;
+        const bool inside = y > -1.f && x > -1.f && y < (float)H && x < (float)W;
+        const float w = inside ? a[p] * inv_den : 0.f;
+        const float fx = floorf(x), fy = floorf(y);
+        const int x0 = (int)fx, y0 = (int)fy;
+        const float lx = x - fx, ly = y - fy;
+        const float hx = 1.f - lx, hy = 1.f - ly;
+        const float cw[4] = {hy * hx * w, hy * lx * w, ly * hx * w, ly * lx * w};
+        const bool okx0 = x0 >= 0 && x0 <= W - 1, okx1 = x0 + 1 >= 0 && x0 + 1 <= W - 1;
+        const bool oky0 = y0 >= 0 && y0 <= H - 1, oky1 = y0 + 1 >= 0 && y0 + 1 <= H - 1;
+        const bool ok[4] = {inside && oky0 && okx0, inside && oky0 && okx1, inside && oky1 && okx0,
+                            inside && oky1 && okx1};
+        const long long base = (long long)y0 * W + x0;
+        const long long idx[4] = {base, base + 1, base + W, base + W + 1};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            if (ok[k]) {
+                const QkVec<TV, VEC> v = *reinterpret_cast<const QkVec<TV, VEC>*>(vsrc + idx[k] * row);
+                float f[VEC];
+                qk_unpack<TV, VEC>(v, f);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) acc[i] = fmaf(cw[k], f[i], acc[i]);
+            }
+        }
     }
 }
 
@@ -94,7 +155,7 @@ __device__ __forceinline__ void msda_store(TV* dst, const float* acc, float inv_
     *reinterpret_cast<QkVec<TV, VEC>*>(dst) = o;
 }
 
-template <typename TV, typename TR, typename TP, int VEC, bool QUANT>
+template <typename TV, typename TR, typename TP, int VEC, bool QUANT, int FAST_LP>
 __device__ __forceinline__ void msda_global(const TV* __restrict__ value, const qk_i64* __restrict__ shapes,
                                             const TR* __restrict__ ref, const TP* __restrict__ off,
                                             const TP* __restrict__ aw, int B, int S, int M, int D, int Q, int L,
@@ -114,13 +175,21 @@ __device__ __forceinline__ void msda_global(const TV* __restrict__ value, const 
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
     const long long row = (long long)M * D;
-    msda_accumulate<TV, TR, TP, VEC, QUANT>(value + (long long)b * S * row + (long long)m * D + c, row, shapes,
-                                            ref + bq * (long long)(2 * G), off + bqm * (long long)LP * 2,
-                                            aw + bqm * LP, L, P, G, so, sa, sv, acc);
+    const TV* vsrc = value + (long long)b * S * row + (long long)m * D + c;
+    if constexpr (FAST_LP > 0) {
+        msda_accumulate_fast<TV, TR, TP, VEC, QUANT, FAST_LP>(vsrc, row, (int)shapes[0], (int)shapes[1],
+                                                              ref + bq * (long long)(2 * G),
+                                                              off + bqm * (long long)LP * 2, aw + bqm * LP, G, so,
+                                                              sa, sv, acc);
+    } else {
+        msda_accumulate<TV, TR, TP, VEC, QUANT>(vsrc, row, shapes, ref + bq * (long long)(2 * G),
+                                                off + bqm * (long long)LP * 2, aw + bqm * LP, L, P, G, so, sa, sv,
+                                                acc);
+    }
     msda_store<TV, VEC, QUANT>(out + bqm * D + c, acc, inv_sout);
 }
 
-template <typename TV, typename TR, typename TP, int VEC, bool QUANT>
+template <typename TV, typename TR, typename TP, int VEC, bool QUANT, int FAST_LP>
 __device__ __forceinline__ void msda_smem(const TV* __restrict__ value, const qk_i64* __restrict__ shapes,
                                           const TR* __restrict__ ref, const TP* __restrict__ off,
                                           const TP* __restrict__ aw, int B, int S, int M, int D, int Q, int L,
@@ -144,6 +213,7 @@ __device__ __forceinline__ void msda_smem(const TV* __restrict__ value, const qk
     if (grp >= groups) return;
     const int c = lane * VEC;
     const int LP = L * P;
+    const int H0 = (int)shapes[0], W0 = (int)shapes[1];
     const int q_end = min(Q, (blockIdx.x + 1) * qchunk);
     for (int q = blockIdx.x * qchunk + grp; q < q_end; q += groups) {
         const long long bq = (long long)b * Q + q;
@@ -151,58 +221,73 @@ __device__ __forceinline__ void msda_smem(const TV* __restrict__ value, const qk
         float acc[VEC];
 #pragma unroll
         for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
-        msda_accumulate<TV, TR, TP, VEC, QUANT>(sval + c, D, shapes, ref + bq * (long long)(2 * G),
-                                                off + bqm * (long long)LP * 2, aw + bqm * LP, L, P, G, so, sa, sv,
-                                                acc);
+        if constexpr (FAST_LP > 0) {
+            msda_accumulate_fast<TV, TR, TP, VEC, QUANT, FAST_LP>(sval + c, D, H0, W0, ref + bq * (long long)(2 * G),
+                                                                  off + bqm * (long long)LP * 2, aw + bqm * LP, G,
+                                                                  so, sa, sv, acc);
+        } else {
+            msda_accumulate<TV, TR, TP, VEC, QUANT>(sval + c, D, shapes, ref + bq * (long long)(2 * G),
+                                                    off + bqm * (long long)LP * 2, aw + bqm * LP, L, P, G, so, sa,
+                                                    sv, acc);
+        }
         msda_store<TV, VEC, QUANT>(out + bqm * D + c, acc, inv_sout);
     }
 }
 
-#define QK_MSDA_FLOAT(NAME, T, VEC)                                                                          \
+// Kernel names: msda[_smem]_<type>_v<VEC> (any L and P) and msda[_smem]_lp<LP>_<type>_v<VEC> (L = 1 and
+// L*P = LP; logits and offsets read as 16-byte-aligned vector runs).
+#define QK_MSDA_FLOAT(NAME, T, VEC, LP)                                                                     \
     extern "C" __global__ void __launch_bounds__(256) msda_##NAME(                                          \
         const T* value, const qk_i64* shapes, const T* ref, const T* off, const T* aw, int B, int S, int M,  \
         int D, int Q, int L, int P, int G, T* out) {                                                        \
-        msda_global<T, T, T, VEC, false>(value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, 1.f, 1.f, 1.f,  \
-                                         1.f, out);                                                         \
+        msda_global<T, T, T, VEC, false, LP>(value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, 1.f, 1.f,  \
+                                             1.f, 1.f, out);                                                \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) msda_smem_##NAME(                                     \
         const T* value, const qk_i64* shapes, const T* ref, const T* off, const T* aw, int B, int S, int M,  \
         int D, int Q, int L, int P, int G, int qchunk, T* out) {                                            \
-        msda_smem<T, T, T, VEC, false>(value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qchunk, 1.f, 1.f, \
-                                       1.f, 1.f, out);                                                      \
+        msda_smem<T, T, T, VEC, false, LP>(value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qchunk, 1.f,  \
+                                           1.f, 1.f, 1.f, out);                                             \
     }
 
 // fp32: 4 channels (16 bytes) a thread when D % 4 == 0, else one channel a thread.
-QK_MSDA_FLOAT(fp32_v4, float, 4)
-QK_MSDA_FLOAT(fp32_v1, float, 1)
+QK_MSDA_FLOAT(fp32_v4, float, 4, 0)
+QK_MSDA_FLOAT(fp32_v1, float, 1, 0)
+QK_MSDA_FLOAT(lp4_fp32_v4, float, 4, 4)
+QK_MSDA_FLOAT(lp8_fp32_v4, float, 4, 8)
 // fp16: 8 channels (16 bytes: four packed half2 pairs) a thread when D % 8 == 0, one half2 pair when D is
 // even, one channel otherwise. Arithmetic accumulates in fp32.
-QK_MSDA_FLOAT(fp16_v8, qk_half, 8)
-QK_MSDA_FLOAT(fp16_v2, qk_half, 2)
-QK_MSDA_FLOAT(fp16_v1, qk_half, 1)
+QK_MSDA_FLOAT(fp16_v8, qk_half, 8, 0)
+QK_MSDA_FLOAT(fp16_v2, qk_half, 2, 0)
+QK_MSDA_FLOAT(fp16_v1, qk_half, 1, 0)
+QK_MSDA_FLOAT(lp4_fp16_v8, qk_half, 8, 4)
+QK_MSDA_FLOAT(lp8_fp16_v8, qk_half, 8, 8)
 
 // INT8 variant, as the TensorRT plugin accepts it: value, offsets and weights are int8 with per-tensor scales,
 // reference points fp32, output int8 with its own scale. The four scales arrive as the bit patterns of fp32
 // values in int32 extras (TensorRT AOT extras are integers; aot_impl reads TensorDesc.scale at build time).
 // Dequantised maths is exactly the fp32 kernel's; the output is re-quantised with QuantizeLinear rounding.
-extern "C" __global__ void __launch_bounds__(256)
-    msda_int8_v8(const signed char* value, const qk_i64* shapes, const float* ref, const signed char* off,
-                 const signed char* aw, int B, int S, int M, int D, int Q, int L, int P, int G,
-                 int value_scale_bits, int offset_scale_bits, int weight_scale_bits, int out_scale_bits,
-                 signed char* out) {
-    msda_global<signed char, float, signed char, 8, true>(
-        value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qk_bits_to_float(value_scale_bits),
-        qk_bits_to_float(offset_scale_bits), qk_bits_to_float(weight_scale_bits),
-        1.f / qk_bits_to_float(out_scale_bits), out);
-}
+#define QK_MSDA_INT8(NAME, LP)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) msda_##NAME(                                          \
+        const signed char* value, const qk_i64* shapes, const float* ref, const signed char* off,            \
+        const signed char* aw, int B, int S, int M, int D, int Q, int L, int P, int G, int value_scale_bits, \
+        int offset_scale_bits, int weight_scale_bits, int out_scale_bits, signed char* out) {               \
+        msda_global<signed char, float, signed char, 8, true, LP>(                                          \
+            value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qk_bits_to_float(value_scale_bits),         \
+            qk_bits_to_float(offset_scale_bits), qk_bits_to_float(weight_scale_bits),                       \
+            1.f / qk_bits_to_float(out_scale_bits), out);                                                   \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) msda_smem_##NAME(                                     \
+        const signed char* value, const qk_i64* shapes, const float* ref, const signed char* off,            \
+        const signed char* aw, int B, int S, int M, int D, int Q, int L, int P, int G, int qchunk,           \
+        int value_scale_bits, int offset_scale_bits, int weight_scale_bits, int out_scale_bits,             \
+        signed char* out) {                                                                                 \
+        msda_smem<signed char, float, signed char, 8, true, LP>(                                            \
+            value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qchunk, qk_bits_to_float(value_scale_bits), \
+            qk_bits_to_float(offset_scale_bits), qk_bits_to_float(weight_scale_bits),                       \
+            1.f / qk_bits_to_float(out_scale_bits), out);                                                   \
+    }
 
-extern "C" __global__ void __launch_bounds__(256)
-    msda_smem_int8_v8(const signed char* value, const qk_i64* shapes, const float* ref, const signed char* off,
-                      const signed char* aw, int B, int S, int M, int D, int Q, int L, int P, int G, int qchunk,
-                      int value_scale_bits, int offset_scale_bits, int weight_scale_bits, int out_scale_bits,
-                      signed char* out) {
-    msda_smem<signed char, float, signed char, 8, true>(
-        value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qchunk, qk_bits_to_float(value_scale_bits),
-        qk_bits_to_float(offset_scale_bits), qk_bits_to_float(weight_scale_bits),
-        1.f / qk_bits_to_float(out_scale_bits), out);
-}
+QK_MSDA_INT8(int8_v8, 0)
+QK_MSDA_INT8(lp4_int8_v8, 4)
+QK_MSDA_INT8(lp8_int8_v8, 8)

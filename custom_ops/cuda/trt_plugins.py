@@ -87,8 +87,13 @@ def msda_launch(dtype: str, value_shape: Sequence, num_levels, ref_last, weights
         kernel = f"msda_fp32_v{vec}"
     else:
         raise ValueError(f"unsupported MultiScaleDeformableAttn type {dtype}")
+    def const_of(e):
+        return e if isinstance(e, int) else (e.constant_value if getattr(e, "is_constant", False) else None)
+
+    if const_of(L) == 1 and const_of(weights_last) in (4, 8) and vec in (4, 8):
+        kernel = kernel.replace("msda_", f"msda_lp{const_of(weights_last)}_", 1)
     esize = {"fp32": 4, "fp16": 2, "int8": 1}[dtype]
-    s_const = S if isinstance(S, int) else (S.constant_value if getattr(S, "is_constant", False) else None)
+    s_const = const_of(S)
     fits = s_const is not None and s_const * D * esize <= SMEM_LIMIT
     if form == "smem" and not fits:
         raise ValueError("the shared-memory MSDA form needs a constant S with S*D*size <= 48 KB")

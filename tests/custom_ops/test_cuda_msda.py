@@ -24,6 +24,7 @@ ODD_CASES = {
     "even-D6": (3, [(6, 6)], 5, 6, 11, 2, 1),
     "D16-G2": (1, [(9, 13), (5, 7)], 4, 16, 64, 4, 2),
     "one-pixel": (2, [(1, 1)], 1, 8, 5, 3, 1),
+    "single-level-P8-G2": (2, [(9, 13)], 4, 16, 50, 8, 2),  # the compile-time-LP kernels with G > 1
 }
 ALL_CASES = {**{f"tiny-{k}": v for k, v in T.BEVFORMER_TINY_MSDA.items()}, **ODD_CASES}
 
@@ -150,7 +151,8 @@ def test_int8_matches_reference_on_dequantised_inputs(name, strategy):
     diff = np.abs(got - expected)
     assert diff.max() <= 1, f"int8 output off by {diff.max()} steps"
     assert (diff == 0).mean() > 0.999, f"only {(diff == 0).mean():.4%} of int8 outputs exact"
-    assert T.rel_err(got * sout, ref) < 0.01
+    # what remains is the output quantisation itself: no worse than exact rounding of the reference
+    assert T.rel_err(got * sout, ref) <= 1.01 * T.rel_err(expected * sout, ref)
 
 
 def test_bad_input_is_refused_in_one_line():
