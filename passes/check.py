@@ -7,24 +7,27 @@ from typing import Any
 
 import onnx
 
-from qdqkit.errors import ValidationFailed
+from qdqkit.errors import UserError, ValidationFailed
 from qdqkit.model import run_checker
 from qdqkit.pass_infra import Pass, PassContext, PassResult
 
 
 @dataclass
 class CheckOptions:
-    """``full``: also run strict shape inference as part of the check (the checker's ``full_check``)."""
+    """``full``: also run strict shape inference as part of the check (the checker's ``full_check``); "auto"
+    (default) does so unless this run already established the ``shapes`` fact (infer-shapes ran strict)."""
 
-    full: bool = True
+    full: bool | str = "auto"
 
 
 class CheckPass(Pass):
     """Run ``onnx.checker`` on the model; custom ops are checked against their registered schemas.
 
     1. Custom ops with a spec are checked like standard ops (inputs, outputs, attributes, types).
-    2. A model over 2 GB is checked without the bytes of its large weights (their types and shapes are kept).
-    3. A failure stops the pipeline with ``ValidationFailed`` (exit code 1) and the checker's first line.
+    2. With ``full`` (by default unless ``infer-shapes`` already ran in this pipeline), strict shape inference
+       runs too, so a custom op whose shape function rejects its inputs fails here.
+    3. A model over 2 GB is checked without the bytes of its large weights (their types and shapes are kept).
+    4. A failure stops the pipeline with ``ValidationFailed`` (exit code 1) and the checker's first line.
     The model is never changed.
     """
 
@@ -33,10 +36,15 @@ class CheckPass(Pass):
     Options = CheckOptions
 
     def run(self, model: Any, ctx: PassContext) -> PassResult:
+        full = self.options.full
+        if full == "auto":
+            full = "shapes" not in ctx.facts
+        elif not isinstance(full, bool):
+            raise UserError(f"check: option full must be true, false or \"auto\", got {full!r}")
         ctx.custom_ops.register_onnx_schemas()
         try:
-            run_checker(model.proto, full_check=self.options.full)
+            run_checker(model.proto, full_check=full)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValidationFailed(f"the model fails the ONNX checker: {first}") from None
-        return PassResult(modified=False, stats={"full": self.options.full})
+        return PassResult(modified=False, stats={"full": full})

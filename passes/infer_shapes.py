@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qdqkit.customops import NODE_CONTRIB, NODE_UNKNOWN, classify_nodes
+from qdqkit.customops import NODE_CONTRIB, NODE_UNKNOWN, node_classes
 from qdqkit.errors import UserError
-from qdqkit.model import structure_only
+from qdqkit.model import LIGHT_WEIGHTS, structure_only, weight_bytes
 from qdqkit.pass_infra import Pass, PassContext, PassResult
 
 FALLBACKS = ("error", "run", "guess")
@@ -54,12 +54,8 @@ class InferShapesPass(Pass):
         if opts.fallback not in FALLBACKS:
             raise UserError(f"infer-shapes: fallback must be one of {', '.join(FALLBACKS)}, got {opts.fallback!r}")
         proto = model.proto
-        census = classify_nodes(proto, ctx.custom_ops)
-        unknown = [n for n in proto.graph.node
-                   if census["nodes"].get(n.name, {}).get("class") == NODE_UNKNOWN] if census["unknown"] else []
-        if census["unknown"] and not unknown:  # unnamed nodes: find them by type
-            labels = set(census["unknown"])
-            unknown = [n for n in proto.graph.node if _label(n) in labels]
+        classes = node_classes(proto.graph, ctx.custom_ops)
+        unknown = [n for n, c in zip(proto.graph.node, classes) if c == NODE_UNKNOWN]
         if unknown and opts.fallback == "error":
             ops = sorted({_label(n) for n in unknown})
             raise UserError(
@@ -67,16 +63,14 @@ class InferShapesPass(Pass):
                 "add one through the qdqkit_register_custom_ops hook of a plugin, or use the infer-shapes option "
                 "fallback=\"run\" (or \"guess\"), e.g. `--shape-fallback run`"
             )
-        before = _signature(proto)
         stats: dict[str, Any] = {}
         inferred = _infer(proto, [], opts.data_prop)
         if opts.fallback != "error":
             # onnxruntime contrib ops have no onnx schema either: treat those left untyped like unknown ops
             typed = {v.name for v in (*inferred.graph.value_info, *inferred.graph.output)
                      if v.type.tensor_type.elem_type}
-            contrib = [n for n in proto.graph.node
-                       if census["nodes"].get(n.name, {}).get("class") == NODE_CONTRIB
-                       and any(o and o not in typed for o in n.output)]
+            contrib = [n for n, c in zip(proto.graph.node, classes)
+                       if c == NODE_CONTRIB and any(o and o not in typed for o in n.output)]
             chosen = {id(n) for n in (*unknown, *contrib)}
             targets = [n for n in proto.graph.node if id(n) in chosen]
             if targets and opts.fallback == "run":
@@ -87,7 +81,7 @@ class InferShapesPass(Pass):
                 guesses = _guess(inferred, targets)
                 stats["guessed"] = [{"tensor": g.name, "op": op} for g, op in guesses]
                 inferred = _infer(proto, [g for g, _ in guesses], opts.data_prop)
-        _adopt(proto, inferred)
+        modified = _adopt(proto, inferred)
         untyped, unshaped = _gaps(proto)
         stats.update({"value_info": len(proto.graph.value_info), "untyped": len(untyped),
                       "unshaped": len(unshaped)})
@@ -97,19 +91,20 @@ class InferShapesPass(Pass):
             stats["unshaped_names"] = unshaped[:10]
         if stats.get("guessed"):
             ctx.state.setdefault(self.name, {})["guessed"] = stats["guessed"]
-        return PassResult(modified=_signature(proto) != before, stats=stats)
+        return PassResult(modified=modified, stats=stats)
 
 
 def _label(node: onnx.NodeProto) -> str:
     return f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
 
 
-def _signature(proto: onnx.ModelProto) -> bytes:
-    return b"".join(v.SerializeToString() for v in (*proto.graph.value_info, *proto.graph.output))
-
-
 def _infer(proto: onnx.ModelProto, hints: list[onnx.ValueInfoProto], data_prop: bool) -> onnx.ModelProto:
-    skeleton = structure_only(proto)
+    # onnx serializes what it is given: hand it the weights only when they are light
+    if weight_bytes(proto) < LIGHT_WEIGHTS:
+        skeleton = onnx.ModelProto()
+        skeleton.CopyFrom(proto)
+    else:
+        skeleton = structure_only(proto)
     if hints:
         have = {v.name for v in skeleton.graph.value_info}
         skeleton.graph.value_info.extend(h for h in hints if h.name not in have)
@@ -123,15 +118,22 @@ def _infer(proto: onnx.ModelProto, hints: list[onnx.ValueInfoProto], data_prop: 
         raise UserError(f"shape inference failed: {first}") from None
 
 
-def _adopt(proto: onnx.ModelProto, inferred: onnx.ModelProto) -> None:
+def _adopt(proto: onnx.ModelProto, inferred: onnx.ModelProto) -> bool:
+    """Take over the inferred value_info and output types; True if anything differs from before."""
     graph_io = {v.name for v in (*proto.graph.input, *proto.graph.output)} | {t.name for t in proto.graph.initializer}
-    del proto.graph.value_info[:]
-    proto.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in graph_io)
+    new = [v for v in inferred.graph.value_info if v.name not in graph_io]
+    old = proto.graph.value_info
+    changed = len(new) != len(old) or any(a != b for a, b in zip(old, new))
+    if changed:
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(new)
     outputs = {o.name: o for o in inferred.graph.output}
     for out in proto.graph.output:
-        new = outputs.get(out.name)
-        if new is not None and new.type.HasField("tensor_type"):
-            out.type.CopyFrom(new.type)
+        fresh = outputs.get(out.name)
+        if fresh is not None and fresh.type.HasField("tensor_type") and fresh.type != out.type:
+            out.type.CopyFrom(fresh.type)
+            changed = True
+    return changed
 
 
 def _gaps(proto: onnx.ModelProto) -> tuple[list[str], list[str]]:

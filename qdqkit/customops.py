@@ -644,3 +644,25 @@ def classify_nodes(proto: onnx.ModelProto, registry: CustomOpRegistry) -> dict[s
             name = f"{name}#{index}"
         nodes[name] = {"class": cls, "domain": node.domain, "op_type": node.op_type, "spec": spec_key}
     return {"nodes": nodes, "counts": counts, "known": sorted(known), "unknown": sorted(unknown)}
+
+
+def node_classes(graph: onnx.GraphProto, registry: CustomOpRegistry) -> list[str]:
+    """The class of each node of ``graph`` (not its subgraphs), in order; cheap: one lookup per op type."""
+    cache: dict[tuple[str, str], str] = {}
+    out = []
+    for node in graph.node:
+        key = (node.domain, node.op_type)
+        cls = cache.get(key)
+        if cls is None:
+            spec = registry.lookup(node.domain, node.op_type)
+            if spec is None and _is_standard_node(node):
+                cls = NODE_STANDARD
+            elif spec is not None:
+                cls = NODE_KNOWN
+            elif canonical_domain(node.domain) in ORT_CONTRIB_DOMAINS:
+                cls = NODE_CONTRIB
+            else:
+                cls = NODE_UNKNOWN
+            cache[key] = cls
+        out.append(cls)
+    return out

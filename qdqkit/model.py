@@ -25,6 +25,8 @@ from qdqkit.errors import UserError
 PROTOBUF_LIMIT = 2**31 - 2**24
 # tensors at least this large go to the external data file when one is written
 EXTERNAL_THRESHOLD = 1024
+# below this many bytes of weights, handing onnx the whole model is cheaper than building a data-less copy
+LIGHT_WEIGHTS = 64 * 2**20
 
 
 class ModelHandle:
@@ -229,14 +231,19 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
                 f.flush()
                 os.fsync(f.fileno())
             payload = skeleton.SerializeToString()
-        else:
-            if proto_size(proto) >= PROTOBUF_LIMIT:
-                raise UserError("model exceeds protobuf's 2 GB limit; save it with external data")
+        elif proto_size(proto) >= PROTOBUF_LIMIT:
+            raise UserError("model exceeds protobuf's 2 GB limit; save it with external data")
+        elif weight_bytes(proto) < LIGHT_WEIGHTS:
             payload = proto.SerializeToString()
+        else:
+            payload = None  # streamed below, one tensor at a time
         fd, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         tmp_files.append(tmp_model)
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            if payload is not None:
+                f.write(payload)
+            else:
+                _write_inline_streamed(proto, f)
             f.flush()
             os.fsync(f.fileno())
         del payload
@@ -324,13 +331,19 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return count * itemsize
 
 
-def run_checker(proto: onnx.ModelProto, *, full_check: bool = False) -> None:
-    """``onnx.checker.check_model`` that also works past 2 GB (the weights' bytes are not what it checks).
+def weight_bytes(proto: onnx.ModelProto) -> int:
+    """Serialized size of the main graph's initializers (no copy made)."""
+    return sum(t.ByteSize() for t in proto.graph.initializer)
 
-    A large model is checked from a data-less copy on disk whose external tensors point into a sparse file of
-    the right size, so no weight is copied or written.
+
+def run_checker(proto: onnx.ModelProto, *, full_check: bool = False) -> None:
+    """``onnx.checker.check_model`` without copying the weights (it checks their types, not their bytes).
+
+    A model with more than ``LIGHT_WEIGHTS`` of weights (past 2 GB included) is checked from a data-less copy on
+    disk whose external tensors point into a sparse file of the right size, so no weight is copied or written;
+    a light model is handed over whole, which is cheaper.
     """
-    if not is_large(proto):
+    if weight_bytes(proto) < LIGHT_WEIGHTS:
         onnx.checker.check_model(proto, full_check=full_check)
         return
     skeleton = structure_only(proto)
@@ -371,3 +384,42 @@ def _shell(proto: onnx.ModelProto) -> onnx.ModelProto:
     _copy_fields(proto, shell, skip="graph")
     _copy_fields(proto.graph, shell.graph, skip="initializer")
     return shell
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+_MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+def _write_inline_streamed(proto: onnx.ModelProto, f: Any) -> None:
+    """Write ``proto`` as one protobuf without ever holding a serialized copy of all its weights.
+
+    Protobuf merges repeated occurrences of an embedded message field, so the model is written as the
+    data-less shell followed by a second ``graph`` field that holds only the initializers, each serialized on
+    its own. Readers (onnx, onnxruntime, TensorRT's parser) see the same model.
+    """
+    shell = _shell(proto)
+    f.write(shell.SerializeToString())
+    del shell
+    inits = proto.graph.initializer
+    if not len(inits):
+        return
+    tag = _varint((_GRAPH_INITIALIZER << 3) | 2)
+    sizes = [t.ByteSize() for t in inits]
+    body = sum(len(tag) + len(_varint(n)) + n for n in sizes)
+    f.write(_varint((_MODEL_GRAPH << 3) | 2))
+    f.write(_varint(body))
+    for t, n in zip(inits, sizes):
+        f.write(tag)
+        f.write(_varint(n))
+        f.write(t.SerializeToString())

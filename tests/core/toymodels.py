@@ -67,17 +67,28 @@ def plugin_model(seed: int = 0, blocks: int = 2, gate: bool = False, opset: int 
     return model
 
 
-def wide_model(target_nodes: int = 10_000, seed: int = 0) -> onnx.ModelProto:
-    """A chain of ``target_nodes`` (rounded up to a block) small nodes, one ToyScaleTRT in every block of five and a
-    ToyRowMeanTRT at the end: structure-heavy, weight-light. x[1,64] -> y[1]."""
+def wide_model(target_nodes: int = 10_000, seed: int = 0, width: int = 64, dense: bool = False) -> onnx.ModelProto:
+    """A chain of ``target_nodes`` (rounded up to a block of five) small nodes, one ToyScaleTRT per block and a
+    ToyRowMeanTRT at the end. x[1,width] -> y[1].
+
+    Weight-light by default (two shared constants: a stress case for per-node costs); with ``dense`` each block
+    starts with a MatMul on its own [width, width] weight, as real networks of that size carry weights.
+    """
     rng = np.random.default_rng(seed)
-    inits = [_init("c_add", rng.standard_normal((1, 64)).astype(np.float32) * 0.01),
-             _init("c_mul", np.full((1, 64), 0.999, np.float32))]
+    inits = [_init("c_add", rng.standard_normal((1, width)).astype(np.float32) * 0.01),
+             _init("c_mul", np.full((1, width), 0.999, np.float32))]
     nodes = []
     h = "x"
     for b in range((target_nodes - 1 + 4) // 5):
+        if dense:
+            w = rng.standard_normal((width, width), dtype=np.float32)
+            w *= np.float32(1.0 / np.sqrt(width))
+            inits.append(_init(f"w{b}", w))
+            first = helper.make_node("MatMul", [h, f"w{b}"], [f"a{b}"], name=f"n{b}/matmul")
+        else:
+            first = helper.make_node("Add", [h, "c_add"], [f"a{b}"], name=f"n{b}/add")
         nodes += [
-            helper.make_node("Add", [h, "c_add"], [f"a{b}"], name=f"n{b}/add"),
+            first,
             helper.make_node("Mul", [f"a{b}", "c_mul"], [f"m{b}"], name=f"n{b}/mul"),
             helper.make_node("ToyScaleTRT", [f"m{b}"], [f"s{b}"], name=f"n{b}/toyscale", scale=1.0, shift=0.0),
             helper.make_node("Tanh", [f"s{b}"], [f"t{b}"], name=f"n{b}/tanh"),
@@ -86,7 +97,7 @@ def wide_model(target_nodes: int = 10_000, seed: int = 0) -> onnx.ModelProto:
         h = f"h{b}"
     nodes.append(helper.make_node("ToyRowMeanTRT", [h], ["y"], name="rowmean", domain="toy.ops"))
     graph = helper.make_graph(nodes, "toy_wide_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                                       [1, 64])],
+                                                                                       [1, width])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("toy.ops", 1)])
     model.ir_version = 8

@@ -43,7 +43,7 @@ def test_unknown_default_domain_op_fails(toy_session, tmp_path):
 def test_large_model_checked_without_copying_weights(toy_session, tmp_path, monkeypatch):
     import qdqkit.model as qm
 
-    monkeypatch.setattr(qm, "PROTOBUF_LIMIT", 1000)  # force the data-less path on a small model
+    monkeypatch.setattr(qm, "LIGHT_WEIGHTS", 1000)  # force the data-less path on a small model
     model = toymodels.big_model(total_bytes=2 * 256 * 256 * 4, width=256)
     assert _run(toy_session, model, tmp_path).modified is False
     model.graph.node[0].input[1] = "missing_weight"
