@@ -12,7 +12,7 @@ opset (13..21 must work) because onnxruntime inlines the body at that opset:
   the weights ("gather"), and, from opset 16, one GridSample call over all levels ("gridsample"). Measured at
   BEVFormer-tiny shapes on 2 cores (``benchmarks/cpu_ops_bench.py``) the table is the fastest.
 - Rotate: explicit inverse rotation and Gather; the ``interpolation`` attribute is read through an attribute
-  reference and selects between the nearest and bilinear results.
+  reference and an If runs only the nearest or the bilinear branch.
 - ModulatedDeformableConv2d: Gather-based im2col with moving taps, then a grouped MatMul.
 - GridSampler2D: GridSample (opset >= 16), the (int) mode attributes mapped to its string modes through If.
 
@@ -43,10 +43,23 @@ MSDA_SAMPLER = "table"
 class _Body:
     """Collects the nodes of a function body; each op call returns its output name(s)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, counter=None) -> None:
         self.nodes: list[onnx.NodeProto] = []
-        self._n = itertools.count()
+        self._n = counter if counter is not None else itertools.count()
         self.prefix = prefix
+
+    def branch(self, outputs: list[str], name: str) -> tuple[_Body, callable]:
+        """A body for an If branch (names stay unique); call the returned function to get its GraphProto."""
+        sub = _Body(self.prefix, self._n)
+
+        def graph(result: str) -> onnx.GraphProto:
+            out = f"{self.prefix}_{name}_out_{next(self._n)}"
+            sub.Identity(result)
+            sub.nodes[-1].output[0] = out
+            return helper.make_graph(sub.nodes, f"{self.prefix}_{name}", [],
+                                     [helper.make_value_info(out, onnx.TypeProto())])
+
+        return sub, graph
 
     def __getattr__(self, op_type: str):
         if op_type.startswith("_"):
@@ -372,35 +385,39 @@ def rotate_function(opset: int) -> onnx.FunctionProto:
     Hm1 = b.Sub(Hf, one)
     Wi = b.scalar(W)
 
-    def pick(yc, xc):
+    def pick(g: _Body, yc, xc):
         """Pixels at integer-valued float coordinates, zero outside: [C, H*W]."""
-        valid = b.And(b.And(b.GreaterOrEqual(xc, zero), b.LessOrEqual(xc, Wm1)),
-                      b.And(b.GreaterOrEqual(yc, zero), b.LessOrEqual(yc, Hm1)))
-        xi = b.Cast(b.Max(b.Min(xc, Wm1), zero), to=INT64)
-        yi = b.Cast(b.Max(b.Min(yc, Hm1), zero), to=INT64)
-        idx = b.Reshape(b.Add(b.Mul(yi, Wi), xi), b.const([-1]))
-        mask = b.Reshape(b.Cast(valid, to=FLOAT), b.const([1, -1]))
-        return b.Gather(flat, idx, axis=1), mask
+        valid = g.And(g.And(g.GreaterOrEqual(xc, zero), g.LessOrEqual(xc, Wm1)),
+                      g.And(g.GreaterOrEqual(yc, zero), g.LessOrEqual(yc, Hm1)))
+        xi = g.Cast(g.Max(g.Min(xc, Wm1), zero), to=INT64)
+        yi = g.Cast(g.Max(g.Min(yc, Hm1), zero), to=INT64)
+        idx = g.Reshape(g.Add(g.Mul(yi, Wi), xi), g.const([-1]))
+        mask = g.Reshape(g.Cast(valid, to=FLOAT), g.const([1, -1]))
+        return g.Gather(flat, idx, axis=1), mask
 
+    # only the branch the attribute selects runs (If on a constant that references the attribute)
+    nb, nearest_graph = b.branch(["output"], "nearest")
     # nearest: C's round (halves away from zero), as the fp32 plugin kernel
-    rx = b.Mul(b.Sign(ix), b.Floor(b.Add(b.Abs(ix), half)))
-    ry = b.Mul(b.Sign(iy), b.Floor(b.Add(b.Abs(iy), half)))
-    pix, mask = pick(ry, rx)
-    nearest = b.Mul(pix, mask)
+    rx = nb.Mul(nb.Sign(ix), nb.Floor(nb.Add(nb.Abs(ix), half)))
+    ry = nb.Mul(nb.Sign(iy), nb.Floor(nb.Add(nb.Abs(iy), half)))
+    pix, mask = pick(nb, ry, rx)
+    nearest = nearest_graph(nb.Mul(pix, mask))
 
-    x0 = b.Floor(ix)
-    y0 = b.Floor(iy)
-    lx = b.Reshape(b.Sub(ix, x0), b.const([1, -1]))
-    ly = b.Reshape(b.Sub(iy, y0), b.const([1, -1]))
-    bilinear = None
-    for dy, wy in ((zero, b.Sub(one, ly)), (one, ly)):
-        for dx, wx in ((zero, b.Sub(one, lx)), (one, lx)):
-            pix, mask = pick(b.Add(y0, dy), b.Add(x0, dx))
-            term = b.Mul(pix, b.Mul(mask, b.Mul(wy, wx)))
-            bilinear = term if bilinear is None else b.Add(bilinear, term)
+    bb, bilinear_graph = b.branch(["output"], "bilinear")
+    x0 = bb.Floor(ix)
+    y0 = bb.Floor(iy)
+    lx = bb.Reshape(bb.Sub(ix, x0), bb.const([1, -1]))
+    ly = bb.Reshape(bb.Sub(iy, y0), bb.const([1, -1]))
+    acc = None
+    for dy, wy in ((zero, bb.Sub(one, ly)), (one, ly)):
+        for dx, wx in ((zero, bb.Sub(one, lx)), (one, lx)):
+            pix, mask = pick(bb, bb.Add(y0, dy), bb.Add(x0, dx))
+            term = bb.Mul(pix, bb.Mul(mask, bb.Mul(wy, wx)))
+            acc = term if acc is None else bb.Add(acc, term)
+    bilinear = bilinear_graph(acc)
 
     use_nearest = b.Equal(b.attr_const("interpolation", onnx.AttributeProto.INT), b.const(1))
-    out = b.Reshape(b.Where(use_nearest, nearest, bilinear), shp)
+    out = b.Reshape(b.If(use_nearest, then_branch=nearest, else_branch=bilinear), shp)
     b.cast_back(out, "img", opset)
     b.nodes[-1].output[0] = "output"
     default = helper.make_attribute("interpolation", 1)
