@@ -44,7 +44,9 @@ def frame_inputs(cfg, device, dtype):
 
 
 def time_frames(model, inputs, half: bool, warmup=5, reps=30):
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=half):
+    # The model builds a few constants inside forward with factory calls that name no device (torch.zeros,
+    # torch.tensor); defaulting those to the GPU keeps the frame on one device without touching the model.
+    with torch.no_grad(), torch.device("cuda"), torch.autocast("cuda", dtype=torch.float16, enabled=half):
         for _ in range(warmup):
             out = model(*inputs)
         torch.cuda.synchronize()

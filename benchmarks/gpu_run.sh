@@ -56,6 +56,24 @@ if has sanitize; then
     -k "odd or border or misaligned" 2>&1 | tee "$OUT/sanitize.log" | tail -8
 fi
 
+if has ncu; then
+  M=gpu__time_duration.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__throughput.avg.pct_of_peak_sustained_active,lts__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active
+  timeout 150 ncu --clock-control none --metrics $M -k regex:msda --csv python3 "$REPO/benchmarks/gpu_profile.py" \
+    > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+  python3 - "$OUT/ncu.csv" <<'PY' | tee "$OUT/ncu.log"
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+head, body = rows[0], rows[1:]
+k, n, v = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
+ids = head.index("ID")
+table = {}
+for r in body:
+    table.setdefault((r[ids], r[k]), {})[r[n].split("__")[1].split(".")[0]] = r[v]
+for (i, name), m in table.items():
+    print(f"{name[:26]:26}", " ".join(f"{a}={b}" for a, b in m.items()))
+PY
+fi
+
 if has ops; then
   timeout 220 python3 "$REPO/benchmarks/gpu_ops.py" --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log" | tail -45
 fi

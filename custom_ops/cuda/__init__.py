@@ -291,7 +291,7 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
             vec = cand
             break
     form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, esize, value.device, strategy)
-    name = f"{_fast_prefix(L, P, vec in (4, 8), aw, off)}{kind}_v{vec}"
+    name = f"{_fast_prefix(L, P, vec in (4, 8) and value.numel() < 2**31, aw, off)}{kind}_v{vec}"
     if form == "smem":
         _launch("msda", f"msda_smem_{name}", grid, (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G,
                                                    qchunk, out), value.device, smem)
@@ -303,7 +303,7 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
 
 def _fast_prefix(L, P, wide: bool, *runs) -> str:
     """"lp4_" / "lp8_" for the single-level kernels with a compile-time point count (vector loads of the logits
-    and offsets need 16-byte aligned tensors), else ""."""
+    and offsets need 16-byte aligned tensors; 32-bit indexing needs value under 2^31 elements), else ""."""
     if L == 1 and P in (4, 8) and wide and _aligned(16, *runs):
         return f"lp{P}_"
     return ""
@@ -352,7 +352,7 @@ def ms_deform_attn_int8(value, spatial_shapes, reference_points, sampling_offset
     scales = (_float_bits(value_scale), _float_bits(offset_scale), _float_bits(weight_scale),
               _float_bits(out_scale))
     form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, 1, value.device, strategy)
-    name = f"{_fast_prefix(L, P, True, aw, off)}int8_v8"
+    name = f"{_fast_prefix(L, P, value.numel() < 2**31, aw, off)}int8_v8"
     if form == "smem":
         _launch("msda", f"msda_smem_{name}", grid,
                 (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qchunk, *scales, out), value.device, smem)

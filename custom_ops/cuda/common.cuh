@@ -56,3 +56,24 @@ __device__ __forceinline__ signed char qk_quantize_i8(float v) {
     r = fminf(fmaxf(r, -128.0f), 127.0f);
     return (signed char)(int)r;
 }
+
+// Packed half2 arithmetic on raw 32-bit registers (sm_53+): two channels per instruction.
+__device__ __forceinline__ unsigned int qk_h2_splat(float f) {
+    const qk_half h = qk_f2h(f);
+    unsigned int r;
+    asm("mov.b32 %0, {%1, %1};" : "=r"(r) : "h"(h));
+    return r;
+}
+
+__device__ __forceinline__ unsigned int qk_h2_fma(unsigned int a, unsigned int b, unsigned int c) {
+    unsigned int d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ void qk_h2_to_f2(unsigned int v, float& lo, float& hi) {
+    qk_half l, h;
+    asm("mov.b32 {%0, %1}, %2;" : "=h"(l), "=h"(h) : "r"(v));
+    lo = qk_h2f(l);
+    hi = qk_h2f(h);
+}

@@ -1,0 +1,25 @@
+"""Runs each MSDA form once at the BEVFormer-tiny shapes, for Nsight Compute to profile (see gpu_run.sh, stage ncu).
+
+Not a timing script: ncu replays each kernel and reports throughput and occupancy figures that say what bounds
+it (issue, latency, L1/shared memory, L2 or DRAM).
+"""
+
+import numpy as np
+import torch
+
+from qdqkit.custom_ops import cuda
+from qdqkit.custom_ops.cuda import testing as T
+
+rng = np.random.default_rng(0)
+for name in ("tsa", "sca", "decoder"):
+    B, shapes, M, D, Q, P, G = T.BEVFORMER_TINY_MSDA[name]
+    inp = T.msda_inputs(rng, B, shapes, M, D, Q, P, G)
+    for dt in (torch.float16, torch.float32):
+        args = [torch.tensor(a, dtype=dt, device="cuda") for a in inp.as_tuple()]
+        args[1] = torch.tensor(inp.spatial_shapes, device="cuda")
+        for strategy in ("global", "smem"):
+            if strategy == "smem" and sum(h * w for h, w in shapes) * D * args[0].element_size() > 200 * 1024:
+                continue
+            cuda.ms_deform_attn(*args, strategy=strategy)
+torch.cuda.synchronize()
+print("profiled kernels ran")
