@@ -4,11 +4,15 @@
    registered ONNX-function kernel, for N1 and N2 samples. The per-sample cost is the slope
    (T(N2) - T(N1)) / (N2 - N1); the fixed overhead is T(N1) - N1 * slope (schema/shape work, ModelOpt's GEMV
    probe session, Q/DQ insertion). The floor is one plain onnxruntime inference of the same model (default
-   session options, same kernels), median of repeated runs. Target: slope <= 1.3 x floor.
-2. Memory. Peak resident memory (ru_maxrss) of a fresh process that calibrates on every sample of a data set,
-   for a small and an 8x larger data set, once from a .npy folder (memory-mapped) and once from an .npz (read
-   whole). Target: with the folder, the peak does not grow with the data (bounded); the .npz shows what
-   proportional looks like.
+   session options, same kernels), median of repeated runs. Target: slope <= 1.3 x floor. qdqkit's own share
+   of the slope (reading one sample from a memory-mapped .npy folder through the calibration reader) is
+   measured separately. Each calibration runs 3 times and the median counts; the load average is printed,
+   because the figures are only as quiet as the machine.
+2. Memory. In a fresh process that has already imported everything, the peak resident memory (sampled every
+   2 ms) while it opens a data set and calibrates on every sample, above the resident memory just before; for a
+   small and an 8x larger data set, once from a .npy folder (memory-mapped) and once from an .npz (read whole).
+   Target: with the folder, the peak does not grow with the data (bounded); the .npz shows what proportional
+   looks like.
 
 Run: python benchmarks/qdq_calibration.py [--quick]
 """
@@ -18,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -71,31 +74,64 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int) -> dict:
         runs.append(time.perf_counter() - t)
     plain = statistics.median(runs)
     _calibrate(model, source, registry, 2)  # warm: imports, first-call work
-    t1 = min(_calibrate(model, source, registry, n1) for _ in range(2))
-    t2 = min(_calibrate(model, source, registry, n2) for _ in range(2))
+    t1 = statistics.median(_calibrate(model, source, registry, n1) for _ in range(3))
+    t2 = statistics.median(_calibrate(model, source, registry, n2) for _ in range(3))
     slope = (t2 - t1) / (n2 - n1)
+    with tempfile.TemporaryDirectory() as tmp:
+        from qdqkit.calib import SampleReader, builtin_source
+
+        np.save(Path(tmp) / "image.npy", images)
+        folder = builtin_source(tmp, model_inputs(model))
+        t = time.perf_counter()
+        for _ in SampleReader(folder, 0, n2):
+            pass
+        reader = (time.perf_counter() - t) / n2
     return {
+        "load_average_1min": os.getloadavg()[0],
         "model": f"transformer_msda(grid={grid}, width={width}), input [1,3,{2 * grid},{2 * grid}]",
         "plain_inference_ms": plain * 1e3,
         f"calibration_s_N{n1}": t1, f"calibration_s_N{n2}": t2,
         "per_sample_ms": slope * 1e3,
         "per_sample_over_plain": slope / plain,
+        "qdqkit_reader_ms_per_sample": reader * 1e3,
+        "qdqkit_reader_over_plain": reader / plain,
         "fixed_overhead_s": t1 - n1 * slope,
         f"T(N{n2})_over_N_x_plain": t2 / (n2 * plain),
         "target": "per_sample_over_plain <= 1.3",
-        "met": slope / plain <= 1.3,
+        "met": 0 < slope / plain <= 1.3,
     }
 
 
 def _child(kind: str, path: str, grid: int, width: int) -> None:
+    import threading
+
+    import modelopt.onnx.quantization  # noqa: F401  (imported before the baseline is taken)
+
     from qdqkit.calib import builtin_source, model_inputs
 
     registry = _registry()
     model = qdq_models.transformer_msda(grid=grid, width=width)
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base, peak, stop = rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
     source = builtin_source(path, model_inputs(model))
     seconds = _calibrate(model, source, registry, len(source))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"kind": kind, "samples": len(source), "peak_mb": peak_mb, "seconds": seconds}))
+    stop.set()
+    th.join()
+    print(json.dumps({"kind": kind, "samples": len(source), "peak_above_base_mb": (peak[0] - base) / 2**20,
+                      "seconds": seconds}))
 
 
 def memory_benchmark(grid: int, width: int, small: int, large: int) -> dict:
@@ -115,11 +151,11 @@ def memory_benchmark(grid: int, width: int, small: int, large: int) -> dict:
                 res = subprocess.run([sys.executable, __file__, "--child", kind, str(path), str(grid), str(width)],
                                      capture_output=True, text=True, check=True)
                 line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")][-1]
-                out[f"{kind}_peak_mb_{n}"] = json.loads(line)["peak_mb"]
+                out[f"{kind}_peak_above_base_mb_{n}"] = json.loads(line)["peak_above_base_mb"]
     grow = out[f"data_mb_{large}"] - out[f"data_mb_{small}"]
     out["data_growth_mb"] = grow
-    out["folder_peak_growth_mb"] = out[f"folder_peak_mb_{large}"] - out[f"folder_peak_mb_{small}"]
-    out["npz_peak_growth_mb"] = out[f"npz_peak_mb_{large}"] - out[f"npz_peak_mb_{small}"]
+    out["folder_peak_growth_mb"] = out[f"folder_peak_above_base_mb_{large}"] - out[f"folder_peak_above_base_mb_{small}"]
+    out["npz_peak_growth_mb"] = out[f"npz_peak_above_base_mb_{large}"] - out[f"npz_peak_above_base_mb_{small}"]
     out["target"] = "folder_peak_growth_mb well under data_growth_mb (bounded)"
     out["met"] = out["folder_peak_growth_mb"] < 0.1 * grow
     return out
@@ -135,9 +171,9 @@ def main() -> None:
         _child(kind, path, int(grid), int(width))
         return
     if args.quick:
-        figures = {"time": time_benchmark(8, 32, 8, 40), "memory": memory_benchmark(16, 32, 64, 512)}
+        figures = {"time": time_benchmark(8, 32, 8, 136), "memory": memory_benchmark(16, 32, 64, 512)}
     else:
-        figures = {"time": time_benchmark(16, 64, 8, 64), "memory": memory_benchmark(32, 32, 128, 1024)}
+        figures = {"time": time_benchmark(16, 64, 8, 136), "memory": memory_benchmark(32, 32, 128, 1024)}
     print(json.dumps(figures, indent=2))
 
 
