@@ -77,6 +77,10 @@ class QuantBackendRegistry:
         return name in self._backends
 
 
+# protobuf cannot serialize a model over 2 GB: past this size the private copy keeps its weights in a side file
+_EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
 def _anchored(names: list[str]) -> list[str]:
     # ModelOpt treats nodes_to_exclude as regexes anchored at the start only: escape and anchor the end too.
     return [re.escape(n) + "$" for n in names]
@@ -94,7 +98,8 @@ class ModelOptBackend:
             from modelopt.onnx.quantization import quantize
 
             src, out = tmp / "model.onnx", tmp / "model.quant.onnx"
-            onnx.save(model, str(src))
+            external = model.ByteSize() > _EXTERNAL_DATA_BYTES
+            onnx.save(model, str(src), save_as_external_data=external)
             job.custom_ops.register_onnx_schemas()
             with job.custom_ops.installed_in_onnxruntime(), _quiet("modelopt"):
                 quantize(
@@ -109,6 +114,7 @@ class ModelOptBackend:
                     simplify=False,
                     trt_plugins_precision=job.plugin_flags or None,
                     output_path=str(out),
+                    use_external_data_format=external,
                     log_level="WARNING",
                 )
             if not out.exists():

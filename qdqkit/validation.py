@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from qdqkit.calib import CalibrationSource, require
+from qdqkit.errors import UserError
 
 
 @dataclass
@@ -216,7 +217,8 @@ def compare(
     qnames = {o.name for o in s_quant.get_outputs()}
     missing = [n for n in names if n not in qnames]
     if missing:
-        raise ValueError(f"the quantized model lacks output(s) {', '.join(missing)} of the float model")
+        raise UserError(f"the quantized model lacks output(s) {', '.join(missing)} of the float model; compare a "
+                        "model with its own quantized version")
     in_float = {i.name for i in s_float.get_inputs()}
     in_quant = {i.name for i in s_quant.get_inputs()}
     cos: dict[str, list[float]] = {n: [] for n in names}
