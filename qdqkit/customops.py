@@ -561,9 +561,10 @@ def _has_external_data(model: onnx.ModelProto) -> bool:
 
 def _as_session_input(model: onnx.ModelProto, scratch: str | None = None) -> Any:
     """Serialized bytes, or (for models past protobuf's 2 GB limit) a path to a copy with external data."""
-    if model.ByteSize() < _PROTOBUF_LIMIT:
+    from qdqkit.model import proto_size, save_model
+
+    if proto_size(model) < _PROTOBUF_LIMIT:
         return model.SerializeToString()
-    from qdqkit.model import save_model
 
     folder = scratch or tempfile.mkdtemp(prefix="qdqkit-ort-")
     path = os.path.join(folder, "execution.onnx")
@@ -582,10 +583,16 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """All nodes of ``graph`` and of its subgraphs (If/Loop/Scan bodies), depth first."""
     for node in graph.node:
         yield node
+        # only control flow (and, rarely, custom-domain ops) carries subgraphs: skip the attribute scan elsewhere
+        if node.op_type not in _SUBGRAPH_OPS and node.domain in STANDARD_DOMAINS:
+            continue
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
                 yield from iter_nodes(attr.g)

@@ -180,7 +180,7 @@ def _check_external_files(proto: onnx.ModelProto, base: Path, model_path: Path) 
 def proto_size(proto: onnx.ModelProto) -> int:
     """Serialized size of a model, computed part by part so that models past 2 GB do not overflow."""
     g = proto.graph
-    size = sum(t.ByteSize() for t in g.initializer)
+    size = sum(tensor_bytes(t) for t in g.initializer)
     size += sum(n.ByteSize() for n in g.node)
     size += sum(f.ByteSize() for f in proto.functions)
     return size + 4096
@@ -270,7 +270,7 @@ def _write_external(proto: onnx.ModelProto, f: Any, location: str) -> onnx.Model
     graph = proto.graph
     offset = 0
     for t in graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() < EXTERNAL_THRESHOLD:
+        if t.data_location == onnx.TensorProto.EXTERNAL or tensor_bytes(t) < EXTERNAL_THRESHOLD:
             sg.initializer.append(t)
             continue
         data = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
@@ -308,7 +308,7 @@ def structure_only(proto: onnx.ModelProto, threshold: int = EXTERNAL_THRESHOLD) 
     sg = skeleton.graph
     offset = 0
     for t in proto.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() < threshold:
+        if t.data_location == onnx.TensorProto.EXTERNAL or tensor_bytes(t) < threshold:
             sg.initializer.append(t)
             continue
         st = sg.initializer.add()
@@ -331,9 +331,25 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return count * itemsize
 
 
+_FIXED_WIDTH = {v for v in onnx.TensorProto.DataType.values()
+                if v not in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING)}
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Size of a tensor's data from its dims and type; no copy (upb's ByteSize serializes the message)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    if t.data_type in _FIXED_WIDTH:
+        try:
+            return _nbytes(t)
+        except (KeyError, TypeError, ValueError):
+            pass
+    return t.ByteSize()
+
+
 def weight_bytes(proto: onnx.ModelProto) -> int:
     """Serialized size of the main graph's initializers (no copy made)."""
-    return sum(t.ByteSize() for t in proto.graph.initializer)
+    return sum(tensor_bytes(t) for t in proto.graph.initializer)
 
 
 def run_checker(proto: onnx.ModelProto, *, full_check: bool = False) -> None:

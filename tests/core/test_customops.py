@@ -168,3 +168,19 @@ def test_classify_nodes(registry):
     assert census["nodes"]["block0/relu"]["class"] == "unknown-custom"
     assert census["unknown"] == ["MysteryTRT"]
     assert census["counts"]["known-custom"] == 3
+
+
+def test_installed_hook_opens_models_with_external_data(registry, tmp_path):
+    from qdqkit.model import save_model
+
+    model = toymodels.big_model(total_bytes=2 * 64 * 64 * 4, width=64)
+    path = tmp_path / "ext.onnx"
+    save_model(model, path, external_data=True)
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    with registry.installed_in_onnxruntime():
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    h = x.astype(np.float64)
+    for t in model.graph.initializer:
+        h = h @ onnx.numpy_helper.to_array(t).astype(np.float64)
+    np.testing.assert_allclose(got, h.mean(axis=-1), rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data"]
