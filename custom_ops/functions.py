@@ -5,9 +5,10 @@ native kernels; nothing is marshalled through Python. The registry attaches thes
 of a model and strips them from the model written for TensorRT. Every builder takes the model's default-domain
 opset (13..21 must work) because onnxruntime inlines the body at that opset:
 
-- MSDA: first a table of 2x2 pixel neighbourhoods (every level zero-padded to the largest one plus a 1-pixel
-  border, so the plugin's out-of-image corners are zeros in the table), then one Gather of 4*D-wide rows at
-  the samples' flat indices and one batched MatMul with the softmax x bilinear weights; valid at every opset.
+- MSDA: first a table of 2x2 pixel neighbourhoods (every level zero-padded to the largest one plus a border,
+  so the plugin's out-of-image corners are zeros in the table), then, for the (b, q, m) rows that sample
+  anything inside the image, one Gather of 4*D-wide rows and one batched MatMul with the softmax x bilinear
+  weights, scattered back into zeros; valid at every opset.
   Two alternatives stay selectable for the benchmark: four Gathers of D-wide rows with the bounds folded into
   the weights ("gather"), and, from opset 16, one GridSample call over all levels ("gridsample"). Measured at
   BEVFormer-tiny shapes on 2 cores (``benchmarks/cpu_ops_bench.py``) the table is the fastest.
@@ -244,21 +245,26 @@ def _msda_gather(b: _Body, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, Hf, Wf) 
 def _msda_corner_table(b: _Body, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, Hf, Wf) -> str:
     """Bilinear sampling through a table of 2x2 neighbourhoods: one Gather of 4*D-wide rows and one MatMul.
 
-    Row (b, m, l, py, px) of the table holds the four pixels (py-1+dy, px-1+dx), dy, dx in {0, 1}, of level l,
-    zero where that pixel lies outside the level; levels are padded to the largest one plus a 1-pixel border.
-    A sample at (x, y) with floor (x0, y0) reads row (y0+1, x0+1): for -1 <= x0 <= W-1 and -1 <= y0 <= H-1 the
-    zero entries are exactly the plugin's out-of-image corners, and any other sample is outside (-1, size) and
-    gets weight 0.
+    Row (b, m, l, ty, tx) of the table holds the pixels (ty+dy, tx+dx), dy, dx in {0, 1}, of level l, zero where
+    that pixel lies outside the level; top-left corners run from -2 to the largest level's size. A sample whose
+    floor is (x0, y0) reads row (clamp(y0, -2, H_l), clamp(x0, -2, W_l)): inside [-1, size-1] that is its own
+    neighbourhood, with the plugin's out-of-image corners as zeros, and anywhere else four zeros, which is the
+    plugin's "outside (-1, size)". So no sample needs a bounds mask.
+
+    Only the (b, q, m) with at least one sample inside are computed: in spatial cross-attention most camera and
+    query pairs see nothing (the plugin's output is zero there). They are compacted with NonZero and the results
+    scattered back; the indices are unique, so ScatterND needs no reduction (valid from opset 13).
     """
     one_i = b.const(1)
-    Hp = b.Add(b.ReduceMax(Hs, keepdims=1), b.const([2]))  # padded height, [1]
-    Wp = b.Add(b.ReduceMax(Ws, keepdims=1), b.const([2]))
+    two_i = b.const(2)
+    Hp = b.Add(b.ReduceMax(Hs, keepdims=1), b.const([3]))  # top-left rows -2 .. Hmax
+    Wp = b.Add(b.ReduceMax(Ws, keepdims=1), b.const([3]))
     hw = b.Mul(Hs, Ws)
     starts = b.Reshape(b.Sub(b.CumSum(hw, b.const(0)), hw), b.const([-1, 1, 1]))
     H3 = b.Reshape(Hs, b.const([-1, 1, 1]))
     W3 = b.Reshape(Ws, b.const([-1, 1, 1]))
-    top = b.Reshape(b.Sub(b.Range(b.const(0), b.scalar(Hp), one_i), one_i), b.const([1, -1, 1]))  # py - 1
-    left = b.Reshape(b.Sub(b.Range(b.const(0), b.scalar(Wp), one_i), one_i), b.const([1, 1, -1]))
+    top = b.Reshape(b.Sub(b.Range(b.const(0), b.scalar(Hp), one_i), two_i), b.const([1, -1, 1]))
+    left = b.Reshape(b.Sub(b.Range(b.const(0), b.scalar(Wp), one_i), two_i), b.const([1, 1, -1]))
     corners = []
     for dy in (0, 1):
         for dx in (0, 1):
@@ -272,35 +278,53 @@ def _msda_corner_table(b: _Body, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, Hf
     v = b.Pad(b.Transpose(value, perm=[0, 2, 1, 3]), b.const([0, 0, 0, 0, 0, 0, 1, 0]))  # [B,M,S+1,D]
     table = b.Reshape(b.Gather(v, src, axis=2), b.Concat(b.const([-1]), b.Mul(D, b.const([4])), axis=0))
 
-    zero = b.const(0.0, FLOAT)
-    one = b.const(1.0, FLOAT)
-    x0 = b.Floor(x)
-    y0 = b.Floor(y)
-    lx = b.Sub(x, x0)
-    ly = b.Sub(y, y0)
+    # which (b, q, m) rows have a sample inside (-1, W) x (-1, H)
+    LP = b.Mul(L, P)
+    per_row = b.Concat(b.const([-1]), LP, axis=0)
     m1 = b.const(-1.0, FLOAT)
-    valid = b.And(b.And(b.GreaterOrEqual(x0, m1), b.LessOrEqual(x0, b.Sub(Wf, one))),
-                  b.And(b.GreaterOrEqual(y0, m1), b.LessOrEqual(y0, b.Sub(Hf, one))))
-    wv = b.Mul(w, b.Cast(valid, to=FLOAT))
-    hx, hy = b.Sub(one, lx), b.Sub(one, ly)
-    cw = [b.Unsqueeze(b.Mul(wv, b.Mul(wy, wx)), b.const([5])) for wy in (hy, ly) for wx in (hx, lx)]
-    cw = b.Concat(*cw, axis=5)  # [B,Q,M,L,P,4], same corner order as the table rows
+    inside = b.And(b.And(b.Greater(x, m1), b.Less(x, Wf)), b.And(b.Greater(y, m1), b.Less(y, Hf)))
+    hits = b.ReduceSum(b.Reshape(b.Cast(inside, to=FLOAT), per_row), b.const([1]), keepdims=0)
+    rows = b.Transpose(b.NonZero(b.Greater(hits, b.const(0.0, FLOAT))), perm=[1, 0])  # [n, 1]
+    r = b.Squeeze(rows, b.const([1]))
+    xa = b.Gather(b.Reshape(x, per_row), r, axis=0)  # [n, L*P]
+    ya = b.Gather(b.Reshape(y, per_row), r, axis=0)
+    wa = b.Gather(b.Reshape(w, per_row), r, axis=0)
 
-    Hpf = b.to_float(Hp)
+    one = b.const(1.0, FLOAT)
+    x0 = b.Floor(xa)
+    y0 = b.Floor(ya)
+    lx = b.Sub(xa, x0)
+    ly = b.Sub(ya, y0)
+    wy = b.Concat(b.Unsqueeze(b.Mul(wa, b.Sub(one, ly)), b.const([2, 3])), b.Unsqueeze(b.Mul(wa, ly), b.const([2, 3])),
+                  axis=2)  # [n, L*P, 2, 1]
+    wx = b.Concat(b.Unsqueeze(b.Sub(one, lx), b.const([2, 3])), b.Unsqueeze(lx, b.const([2, 3])), axis=3)
+    n = b.Shape(r)  # explicit sizes below: a reshape with -1 is ambiguous when no row is active (n = 0)
+    LP4 = b.Mul(LP, b.const([4]))
+    cw = b.Reshape(b.Mul(wy, wx), b.Concat(n, b.const([1]), LP4, axis=0))  # [n, 1, L*P*4]
+
+    # per-column level sizes ([L*P], level-major) for the clamps
+    LPshape = b.Concat(L, P, axis=0)
+    Wcol = b.Reshape(b.Expand(Wf, LPshape), b.const([-1]))
+    Hcol = b.Reshape(b.Expand(Hf, LPshape), b.const([-1]))
+    lcol = b.Reshape(b.Expand(b.Unsqueeze(b.Range(b.const(0), b.scalar(L), one_i), b.const([1])), LPshape),
+                     b.const([-1]))
+    m2 = b.const(-2.0, FLOAT)
     Wpf = b.to_float(Wp)
-    rowf = b.Add(b.Mul(b.Max(b.Min(b.Add(y0, one), b.Sub(Hpf, one)), zero), Wpf),
-                 b.Max(b.Min(b.Add(x0, one), b.Sub(Wpf, one)), zero))  # [B,Q,M,L,P], exact in float32
-    b_idx = b.Reshape(b.Range(b.const(0), b.scalar(B), one_i), b.const([-1, 1, 1, 1, 1]))
-    m_idx = b.Reshape(b.Range(b.const(0), b.scalar(M), one_i), b.const([1, 1, -1, 1, 1]))
-    l_idx = b.Reshape(b.Range(b.const(0), b.scalar(L), one_i), b.const([1, 1, 1, -1, 1]))
+    shift = b.Add(b.Mul(Wpf, b.const(2.0, FLOAT)), b.const(2.0, FLOAT))
+    cell = b.Add(b.Mul(b.Max(b.Min(y0, Hcol), m2), Wpf), b.Add(b.Max(b.Min(x0, Wcol), m2), shift))  # exact
+    # row r = (b*Q + q)*M + m: its plane in the table is ((b*M + m)*L + l)
+    QM = b.Mul(Q, M)
+    bm = b.Add(b.Mul(b.Div(r, QM), M), b.Mod(r, M))  # [n]
     plane = b.Mul(Hp, Wp)
-    base = b.Mul(b.Add(b.Mul(b.Add(b.Mul(b_idx, M), m_idx), L), l_idx), plane)  # [B,1,M,L,1]
-    idx = b.Add(base, b.Cast(rowf, to=INT64))
-    flat = b.Concat(B, Q, M, b.const([-1]), axis=0)
-    gathered = b.Gather(table, b.Reshape(idx, flat), axis=0)  # [B,Q,M,L*P,4D]
-    gathered = b.Reshape(gathered, b.Concat(B, Q, M, b.const([-1]), D, axis=0))  # [B,Q,M,L*P*4,D]
-    out = b.MatMul(b.Unsqueeze(b.Reshape(cw, flat), b.const([3])), gathered)  # [B,Q,M,1,D]
-    return b.Squeeze(out, b.const([3]))
+    base = b.Mul(b.Add(b.Mul(b.Unsqueeze(bm, b.const([1])), L), lcol), plane)  # [n, L*P]
+    idx = b.Add(base, b.Cast(cell, to=INT64))
+    gathered = b.Gather(table, idx, axis=0)  # [n, L*P, 4D]
+    gathered = b.Reshape(gathered, b.Concat(n, LP4, D, axis=0))  # [n, L*P*4, D], the table's corner order
+    part = b.Squeeze(b.MatMul(cw, gathered), b.const([1]))  # [n, D]
+    BQM = b.Mul(b.Mul(B, Q), M)
+    zeros = b.ConstantOfShape(b.Concat(BQM, D, axis=0), value=helper.make_tensor("zero", FLOAT, [1], [0.0]))
+    out = b.ScatterND(zeros, rows, part)  # [B*Q*M, D]
+    return b.Reshape(out, b.Concat(B, Q, M, D, axis=0))
 
 
 def _msda_gridsample(b: _Body, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, opset) -> str:

@@ -70,6 +70,23 @@ def test_msda_unknown_sampler_and_gridsample_below_16():
         functions.ms_deform_attn_function(15, sampler="gridsample")
 
 
+@pytest.mark.parametrize("outside", ["all", "first-batch", "some-queries"])
+def test_msda_rows_that_see_nothing(reg, outside):
+    """Rows whose samples all fall outside are skipped by the function; they must still come out as zeros."""
+    inputs = msda_inputs(ODD_MSDA["odd-groups"], seed=5)
+    ref = inputs[2]
+    if outside == "all":
+        ref[:] = 7.0
+    elif outside == "first-batch":
+        ref[0] = -6.0
+    else:
+        ref[:, ::2] = 9.0
+    want = R.ms_deform_attn(*inputs)
+    got = run_cpu(reg, one_node_model("MultiScaleDeformableAttnTRT2", inputs, {}, 13), inputs)
+    assert_close(got, want)
+    assert (want == 0).any() and (outside == "all") == (not want.any())
+
+
 def test_msda_int32_spatial_shapes(reg):
     inputs = msda_inputs(ODD_MSDA["odd-levels"], seed=3)
     inputs[1] = inputs[1].astype(np.int32)
