@@ -257,6 +257,32 @@ def bench_msda(bw, quick=False):
         torch.cuda.empty_cache()
 
 
+SWEEP: list = []
+
+
+def bench_msda_vec_sweep():
+    """GPU time of each channels-per-thread width of the single-level kernels, both forms, tiny shapes."""
+    rng = np.random.default_rng(3)
+    for name, (B, shapes, M, D, Q, P, G) in T.BEVFORMER_TINY_MSDA.items():
+        for dt, vecs in ((torch.float16, (8, 16, 32)), (torch.float32, (4, 8, 16))):
+            sets = []
+            for _ in range(16):
+                inp = T.msda_inputs(rng, B, shapes, M, D, Q, P, G)
+                sets.append([torch.tensor(a, dtype=dt, device="cuda") for a in
+                             (inp.value, inp.reference_points, inp.sampling_offsets, inp.attention_weights)]
+                            + [torch.empty(B, Q, M, D, dtype=dt, device="cuda")])
+            sh = torch.tensor(shapes, device="cuda")
+            for vec in vecs:
+                for strategy in ("global", "smem"):
+                    if strategy == "smem" and sum(h * w for h, w in shapes) * D * sets[0][0].element_size() > 200 * 1024:
+                        continue
+                    ks = [lambda s=s, st=strategy, v=vec: cuda.ms_deform_attn(s[0], sh, s[1], s[2], s[3], out=s[4],
+                                                                              strategy=st, _vec=v) for s in sets]
+                    SWEEP.append({"case": name, "dtype": str(dt).split(".")[-1], "vec": vec, "form": strategy,
+                                  "us": time_graph(ks)[0]})
+            del sets
+
+
 def bench_rotate(bw):
     C, H, W = T.BEVFORMER_TINY_ROTATE
     for dt in (torch.float16, torch.float32):
@@ -383,6 +409,7 @@ def main(argv=None):
     for r in acc:
         print(f"accuracy {r[0]:7s} {r[1]:9s} {r[2]:8s} rel_err={r[3]:.2e}", flush=True)
     if "msda" not in args.skip:
+        bench_msda_vec_sweep()
         bench_msda(bw)
     if "rotate" not in args.skip:
         bench_rotate(bw)
@@ -390,7 +417,12 @@ def main(argv=None):
         bench_dcn(bw, rates)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"head": head, "accuracy": acc, "results": RESULTS}, fh, indent=1)
+            json.dump({"head": head, "accuracy": acc, "results": RESULTS, "msda_vec_sweep": SWEEP}, fh, indent=1)
+    if SWEEP:
+        print("MSDA channels-per-thread sweep (us, graph-replayed):")
+        for key in sorted({(r["case"], r["dtype"]) for r in SWEEP}):
+            cells = [f"v{r['vec']}/{r['form']}={r['us']:.1f}" for r in SWEEP if (r["case"], r["dtype"]) == key]
+            print(f"  {key[0]:8} {key[1]:8} " + "  ".join(cells))
     print(f"\n{props.name}: copy {bw / 1e9:.0f} GB/s (read+write); matmul fp16 {rates['fp16'] / 1e12:.0f}, "
           f"fp32 {rates['fp32'] / 1e12:.0f} TFLOP/s; a one-element kernel in a graph {head['launch_floor_us']:.1f} us; "
           f"{time.time() - t0:.0f} s")

@@ -261,8 +261,13 @@ def _msda_plan(B, S, M, D, Q, L, P, esize, device, strategy: str):
     return "global", None, None, 0
 
 
+# Channels a thread owns in the single-level kernels (16-byte-vector multiples). Fewer threads per (b,q,m)
+# recompute its softmax and sampling locations fewer times; GPU_NOTES.md has the sweep behind these values.
+_WIDE_VEC = {"fp16": 16, "fp32": 8}
+
+
 def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, attention_weights, *, out=None,
-                   strategy: str = "auto"):
+                   strategy: str = "auto", _vec: Optional[int] = None):
     """MultiScaleDeformableAttnTRT(2) on CUDA tensors (fp32 or fp16; softmax of the logits inside).
 
     value [B,S,M,D], spatial_shapes int [L,2] (H,W), reference_points [B,Q,1,2G], sampling_offsets
@@ -291,7 +296,12 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
             vec = cand
             break
     form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, esize, value.device, strategy)
-    name = f"{_fast_prefix(L, P, vec in (4, 8) and value.numel() < 2**31, aw, off)}{kind}_v{vec}"
+    prefix = _fast_prefix(L, P, vec in (4, 8) and value.numel() < 2**31, aw, off)
+    if prefix:
+        wide = _WIDE_VEC[kind] if _vec is None else int(_vec)
+        if wide > vec and D % wide == 0 and _aligned(min(64, wide * esize), value, out):
+            vec = wide
+    name = f"{prefix}{kind}_v{vec}"
     if form == "smem":
         _launch("msda", f"msda_smem_{name}", grid, (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G,
                                                    qchunk, out), value.device, smem)

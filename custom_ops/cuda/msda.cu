@@ -134,21 +134,28 @@ __device__ __forceinline__ void msda_accumulate_fast(const TV* vsrc, int row, in
                             inside && oky1 && okx1};
         const int base = y0 * W + x0;
         const int idx[4] = {base, base + 1, base + W, base + W + 1};
-        if constexpr (sizeof(TV) == 2 && VEC == 8) {
-            unsigned int s2[4] = {0u, 0u, 0u, 0u};
+        if constexpr (sizeof(TV) == 2 && VEC % 8 == 0) {
+            constexpr int U = VEC / 8;  // 16-byte loads per corner
+            unsigned int s2[VEC / 2];
+#pragma unroll
+            for (int i = 0; i < VEC / 2; ++i) s2[i] = 0u;
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
                 if (ok[k]) {
-                    const uint4 v = *reinterpret_cast<const uint4*>(vsrc + idx[k] * row);
+                    const uint4* src = reinterpret_cast<const uint4*>(vsrc + idx[k] * row);
                     const unsigned int c2 = qk_h2_splat(cw[k]);
-                    s2[0] = qk_h2_fma(c2, v.x, s2[0]);
-                    s2[1] = qk_h2_fma(c2, v.y, s2[1]);
-                    s2[2] = qk_h2_fma(c2, v.z, s2[2]);
-                    s2[3] = qk_h2_fma(c2, v.w, s2[3]);
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        const uint4 v = src[u];
+                        s2[4 * u + 0] = qk_h2_fma(c2, v.x, s2[4 * u + 0]);
+                        s2[4 * u + 1] = qk_h2_fma(c2, v.y, s2[4 * u + 1]);
+                        s2[4 * u + 2] = qk_h2_fma(c2, v.z, s2[4 * u + 2]);
+                        s2[4 * u + 3] = qk_h2_fma(c2, v.w, s2[4 * u + 3]);
+                    }
                 }
             }
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+            for (int i = 0; i < VEC / 2; ++i) {
                 float lo, hi;
                 qk_h2_to_f2(s2[i], lo, hi);
                 acc[2 * i] += lo;
@@ -221,7 +228,7 @@ __device__ __forceinline__ void msda_smem(const TV* __restrict__ value, const qk
                                           const TP* __restrict__ aw, int B, int S, int M, int D, int Q, int L,
                                           int P, int G, int qchunk, float sv, float so, float sa, float inv_sout,
                                           TV* __restrict__ out) {
-    extern __shared__ __align__(16) unsigned char qk_smem_raw[];
+    extern __shared__ __align__(128) unsigned char qk_smem_raw[];
     TV* sval = reinterpret_cast<TV*>(qk_smem_raw);
     const int bm = blockIdx.y;
     const int b = bm / M, m = bm % M;
@@ -281,6 +288,11 @@ QK_MSDA_FLOAT(fp32_v4, float, 4, 0)
 QK_MSDA_FLOAT(fp32_v1, float, 1, 0)
 QK_MSDA_FLOAT(lp4_fp32_v4, float, 4, 4)
 QK_MSDA_FLOAT(lp8_fp32_v4, float, 4, 8)
+// wider single-level forms: fewer threads share (and recompute) one (b,q,m)'s softmax and locations
+QK_MSDA_FLOAT(lp4_fp32_v8, float, 8, 4)
+QK_MSDA_FLOAT(lp8_fp32_v8, float, 8, 8)
+QK_MSDA_FLOAT(lp4_fp32_v16, float, 16, 4)
+QK_MSDA_FLOAT(lp8_fp32_v16, float, 16, 8)
 // fp16: 8 channels (16 bytes: four packed half2 pairs) a thread when D % 8 == 0, one half2 pair when D is
 // even, one channel otherwise. Arithmetic accumulates in fp32.
 QK_MSDA_FLOAT(fp16_v8, qk_half, 8, 0)
@@ -288,6 +300,10 @@ QK_MSDA_FLOAT(fp16_v2, qk_half, 2, 0)
 QK_MSDA_FLOAT(fp16_v1, qk_half, 1, 0)
 QK_MSDA_FLOAT(lp4_fp16_v8, qk_half, 8, 4)
 QK_MSDA_FLOAT(lp8_fp16_v8, qk_half, 8, 8)
+QK_MSDA_FLOAT(lp4_fp16_v16, qk_half, 16, 4)
+QK_MSDA_FLOAT(lp8_fp16_v16, qk_half, 16, 8)
+QK_MSDA_FLOAT(lp4_fp16_v32, qk_half, 32, 4)
+QK_MSDA_FLOAT(lp8_fp16_v32, qk_half, 32, 8)
 
 // INT8 variant, as the TensorRT plugin accepts it: value, offsets and weights are int8 with per-tensor scales,
 // reference points fp32, output int8 with its own scale. The four scales arrive as the bit patterns of fp32

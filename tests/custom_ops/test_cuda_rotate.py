@@ -48,7 +48,9 @@ def _case(shape, dtype, mode, angle, center):
     ref = reference.rotate(img, angle, center, mode)
     if mode == 1:
         amb = T.rotate_ambiguous(H, W, angle, center, tol=1e-4)
-        if H * W >= 64:
+        # at multiples of 90 degrees a centre on a quarter-pixel grid gives exact x.5 ties on every pixel, which
+        # float64 trig (cos(pi/2) != 0) splits at random; elsewhere ties must be rare
+        if H * W >= 64 and angle % 90 != 0:
             assert amb.mean() < 0.05, f"{amb.mean():.2%} of pixels near a rounding boundary"
         got, ref = got[:, ~amb], ref[:, ~amb]
     return T.rel_err(got, ref)
