@@ -189,3 +189,28 @@ def test_autograd_function_on_gpu_runs_the_kernel_with_host_spatial_shapes():
     assert calls, "torch_ops did not dispatch to the CUDA kernel"
     ref = reference.ms_deform_attn(*(T.rounded(a, np.float32) if a.dtype.kind == "f" else a for a in inp.as_tuple()))
     assert T.rel_err(got.double().cpu().numpy(), ref) < FP32_TOL
+
+
+@pytest.mark.parametrize("strategy", ["global", "smem"])
+@pytest.mark.parametrize("dtype_name,vec,tol", [("float16", 8, FP16_TOL), ("float16", 16, FP16_TOL),
+                                               ("float16", 32, FP16_TOL), ("float32", 4, FP32_TOL),
+                                               ("float32", 8, FP32_TOL), ("float32", 16, FP32_TOL)])
+@pytest.mark.parametrize("name", ["tiny-sca", "tiny-decoder"])
+def test_every_channels_per_thread_width(name, dtype_name, vec, tol, strategy):
+    """Each width of the single-level kernels (the default is one of them) against the reference."""
+    torch = _torch()
+    dtype = getattr(torch, dtype_name)
+    B, shapes, M, D, Q, P, G = ALL_CASES[name]
+    if strategy == "smem" and sum(h * w for h, w in shapes) * D * (4 if dtype == torch.float32 else 2) > 200 * 1024:
+        pytest.skip("value slice too large for shared memory")
+    npdt = np.float32 if dtype == torch.float32 else np.float16
+    raw = T.msda_inputs(np.random.default_rng(), B, shapes, M, D, Q, P, G)
+    inp = [T.rounded(a, npdt) if a.dtype.kind == "f" else a for a in raw.as_tuple()]
+    dev = torch.device("cuda")
+    args = [torch.tensor(a, dtype=dtype, device=dev) for a in inp]
+    args[1] = torch.tensor(raw.spatial_shapes, device=dev)
+    out = T.poisoned((B, Q, M, D), dtype, dev)
+    cuda.ms_deform_attn(*args, out=out, strategy=strategy, _vec=vec)
+    got = out.double().cpu().numpy()
+    assert not np.isnan(got).any()
+    assert T.rel_err(got, reference.ms_deform_attn(*inp)) < tol
