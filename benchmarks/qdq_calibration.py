@@ -4,7 +4,9 @@
    registered ONNX-function kernel, for N1 and N2 samples. The per-sample cost is the slope
    (T(N2) - T(N1)) / (N2 - N1); the fixed overhead is T(N1) - N1 * slope (schema/shape work, ModelOpt's GEMV
    probe session, Q/DQ insertion). The floor is one plain onnxruntime inference of the same model (default
-   session options, same kernels), median of repeated runs. Target: slope <= 1.3 x floor. qdqkit's own share
+   session options, same kernels), median of repeated runs. Target: slope <= 1.3 x floor. Also printed: the
+   same inference without graph optimizations (calibration must see every intermediate tensor, which rules
+   out onnxruntime's fusions, so that is the floor for what calibration has to execute). qdqkit's own share
    of the slope (reading one sample from a memory-mapped .npy folder through the calibration reader) is
    measured separately. Each calibration runs 3 times and the median counts; the load average is printed,
    because the figures are only as quiet as the machine.
@@ -14,7 +16,7 @@
    Target: with the folder, the peak does not grow with the data (bounded); the .npz shows what proportional
    looks like.
 
-Run: python benchmarks/qdq_calibration.py [--quick]
+Run: python benchmarks/qdq_calibration.py [--quick | --time-only]
 """
 
 from __future__ import annotations
@@ -73,6 +75,21 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int) -> dict:
         sess.run(None, x)
         runs.append(time.perf_counter() - t)
     plain = statistics.median(runs)
+    # Calibration observes every intermediate tensor, which rules out onnxruntime's fused plan; the same model
+    # run without graph optimizations is the floor for that kind of execution.
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    unfused_sess = registry.session(model, sess_options=so)
+    unfused_sess.run(None, source.sample(0))
+    unfused = []
+    for i in range(max(30, n2 // 2)):
+        x = source.sample(i % n2)
+        t = time.perf_counter()
+        unfused_sess.run(None, x)
+        unfused.append(time.perf_counter() - t)
+    plain_unfused = statistics.median(unfused)
     _calibrate(model, source, registry, 2)  # warm: imports, first-call work
     t1 = statistics.median(_calibrate(model, source, registry, n1) for _ in range(3))
     t2 = statistics.median(_calibrate(model, source, registry, n2) for _ in range(3))
@@ -93,6 +110,8 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int) -> dict:
         f"calibration_s_N{n1}": t1, f"calibration_s_N{n2}": t2,
         "per_sample_ms": slope * 1e3,
         "per_sample_over_plain": slope / plain,
+        "plain_unfused_inference_ms": plain_unfused * 1e3,
+        "per_sample_over_plain_unfused": slope / plain_unfused,
         "qdqkit_reader_ms_per_sample": reader * 1e3,
         "qdqkit_reader_over_plain": reader / plain,
         "fixed_overhead_s": t1 - n1 * slope,
@@ -165,12 +184,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", nargs=4)
+    ap.add_argument("--time-only", action="store_true")
     args = ap.parse_args()
     if args.child:
         kind, path, grid, width = args.child
         _child(kind, path, int(grid), int(width))
         return
-    if args.quick:
+    if args.time_only:
+        figures = {"time": time_benchmark(16, 64, 8, 136)}
+    elif args.quick:
         figures = {"time": time_benchmark(8, 32, 8, 136), "memory": memory_benchmark(16, 32, 64, 512)}
     else:
         figures = {"time": time_benchmark(16, 64, 8, 136), "memory": memory_benchmark(32, 32, 128, 1024)}
