@@ -105,3 +105,27 @@ def test_report_lists_rule_to_nodes(model, registry):
     d = res.to_dict()
     assert d["excluded_nodes"] == 2 + 8
     assert d["by_rule"]["op-type:Conv"] == ["stem/conv1", "stem/conv2"]
+
+
+def test_mha_pattern_matches_eager_attention_spelling():
+    """MatMul -> Div(scale) -> Add(mask) -> Softmax -> Cast -> Cast -> MatMul, as eager exporters write it."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    T = TensorProto.FLOAT
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2], name="t"),
+             helper.make_node("MatMul", ["q", "kt"], ["s"], name="a"),
+             helper.make_node("Div", ["s", "scale"], ["s2"], name="b"),
+             helper.make_node("Add", ["s2", "mask"], ["s3"], name="c"),
+             helper.make_node("Softmax", ["s3"], ["p"], axis=-1, name="d"),
+             helper.make_node("Cast", ["p"], ["p16"], to=TensorProto.FLOAT16, name="e"),
+             helper.make_node("Cast", ["p16"], ["p32"], to=T, name="f"),
+             helper.make_node("MatMul", ["p32", "v"], ["o"], name="g"),
+             helper.make_node("MatMul", ["o", "w"], ["y"], name="proj")]
+    inits = [numpy_helper.from_array(np.array(4.0, np.float32), "scale"),
+             numpy_helper.from_array(np.zeros((1, 1, 8, 8), np.float32), "mask"),
+             numpy_helper.from_array(np.zeros((16, 16), np.float32), "w")]
+    ins = [helper.make_tensor_value_info(n, T, [1, 2, 8, 16]) for n in ("q", "k", "v")]
+    g = helper.make_graph(nodes, "eager", ins, [helper.make_tensor_value_info("y", T, None)], inits)
+    hits = match_mha(graph_view(helper.make_model(g)))
+    assert hits == {"a", "b", "c", "d", "e", "f", "g"}
