@@ -239,6 +239,9 @@ def _shapes_i64(spatial_shapes, device):
     return t
 
 
+_AUTO_SMEM = False
+
+
 def _msda_plan(B, S, M, D, Q, L, P, esize, device, strategy: str):
     """("global", None, grid, 0) or ("smem", qchunk, grid, shared bytes) for one call; see msda.cu."""
     if strategy not in ("auto", "global", "smem"):
@@ -254,16 +257,20 @@ def _msda_plan(B, S, M, D, Q, L, P, esize, device, strategy: str):
     nchunks = max(1, min(nchunks, Q))
     staging = B * M * nchunks * slice_bytes
     gathers = B * Q * M * L * P * 4 * D * esize
-    use_smem = strategy == "smem" or (strategy == "auto" and fits and 2 * staging < gathers)
+    # "auto" keeps the global form: on an H100 the staged form never won at BEVFormer's shapes (the calls are
+    # bound by instruction issue and latency, and L2 holds the value slices); GPU_NOTES.md has the figures
+    use_smem = strategy == "smem" or (strategy == "auto" and _AUTO_SMEM and fits and 2 * staging < gathers)
     if use_smem:
         qchunk = -(-Q // nchunks)
         return "smem", qchunk, (-(-Q // qchunk), B * M), slice_bytes
     return "global", None, None, 0
 
 
-# Channels a thread owns in the single-level kernels (16-byte-vector multiples). Fewer threads per (b,q,m)
-# recompute its softmax and sampling locations fewer times; GPU_NOTES.md has the sweep behind these values.
-_WIDE_VEC = {"fp16": 16, "fp32": 8}
+# Channels a thread owns in the single-level kernels, by (dtype, points): fewer threads per (b,q,m) recompute
+# its softmax and sampling locations fewer times, more threads hide more latency. Measured on an H100 at the
+# BEVFormer-tiny shapes (benchmarks/GPU_NOTES.md, sweep): 8 points (spatial cross-attention) favour the wider
+# split, 4 points (temporal self-attention, decoder) the narrower one.
+_WIDE_VEC = {("fp16", 8): 16, ("fp16", 4): 8, ("fp32", 8): 8, ("fp32", 4): 4}
 
 
 def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, attention_weights, *, out=None,
@@ -274,7 +281,7 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
     [B,Q,M,L*P*2] (pixels), attention_weights [B,Q,M,L*P] (logits) -> [B,Q,M,D] in value's dtype.
     Float inputs are cast to value's dtype. ``out`` optionally names a contiguous output buffer. ``strategy``
     picks the kernel form: "global" gathers corners through the caches, "smem" stages each (batch, head) value
-    slice in shared memory first, "auto" takes "smem" where that moves fewer bytes (see msda.cu).
+    slice in shared memory first; "auto" is "global", the faster of the two at every BEVFormer shape measured.
     """
     _check_cuda("ms_deform_attn", value, reference_points, sampling_offsets, attention_weights)
     kind = _float_dtype("ms_deform_attn", value)
@@ -298,7 +305,7 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
     form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, esize, value.device, strategy)
     prefix = _fast_prefix(L, P, vec in (4, 8) and value.numel() < 2**31, aw, off)
     if prefix:
-        wide = _WIDE_VEC[kind] if _vec is None else int(_vec)
+        wide = _WIDE_VEC[(kind, P)] if _vec is None else int(_vec)
         if wide > vec and D % wide == 0 and _aligned(min(64, wide * esize), value, out):
             vec = wide
     name = f"{prefix}{kind}_v{vec}"

@@ -23,7 +23,7 @@ from typing import Callable, List, Sequence, Tuple
 
 from qdqkit.errors import UserError
 
-from . import _build
+from . import _WIDE_VEC, _build
 
 BLOCK = 256
 ROTATE_CHANNELS_PER_THREAD = 8  # QK_ROTATE_RC in rotate.cu
@@ -68,8 +68,9 @@ def msda_launch(dtype: str, value_shape: Sequence, num_levels, ref_last, weights
                 cdiv: Callable = _int_cdiv, scales: Sequence[float] = (), form: str = "auto") -> Launch:
     """Launch of MultiScaleDeformableAttn: dtype "fp32" | "fp16" | "int8"; ``value_shape`` (B, S, M, D) with a
     concrete D; sizes may be ints or symbolic. For int8, ``scales`` are (value, offsets, weights, output).
-    ``form`` "smem" stages each (b, m) value slice in shared memory (needs a concrete S with S*D*size <= 48 KB;
-    "auto" takes it then), "global" gathers through the caches (see msda.cu)."""
+    ``form`` "smem" stages each (b, m) value slice in shared memory (needs a concrete S with S*D*size <= 48 KB),
+    "global" gathers through the caches; "auto" is "global", as for PyTorch (see msda.cu). Single-level calls
+    with 4 or 8 points take the compile-time-point kernels with the channel split PyTorch uses."""
     B, S, M, D = value_shape
     D = int(D)
     L = num_levels
@@ -91,13 +92,19 @@ def msda_launch(dtype: str, value_shape: Sequence, num_levels, ref_last, weights
         return e if isinstance(e, int) else (e.constant_value if getattr(e, "is_constant", False) else None)
 
     if const_of(L) == 1 and const_of(weights_last) in (4, 8) and vec in (4, 8):
-        kernel = kernel.replace("msda_", f"msda_lp{const_of(weights_last)}_", 1)
+        lp = const_of(weights_last)
+        if dtype != "int8":
+            wide = _WIDE_VEC[(dtype, lp)]
+            if D % wide == 0:
+                vec = wide
+            kernel = f"msda_{dtype}_v{vec}"
+        kernel = kernel.replace("msda_", f"msda_lp{lp}_", 1)
     esize = {"fp32": 4, "fp16": 2, "int8": 1}[dtype]
     s_const = const_of(S)
     fits = s_const is not None and s_const * D * esize <= SMEM_LIMIT
     if form == "smem" and not fits:
         raise ValueError("the shared-memory MSDA form needs a constant S with S*D*size <= 48 KB")
-    use_smem = form == "smem" or (form == "auto" and fits)
+    use_smem = form == "smem"
     quant = [float_bits(s) for s in scales] if dtype == "int8" else []
     if use_smem:
         extras = [B, S, M, D, num_queries, L, P, G, SMEM_QCHUNK] + quant

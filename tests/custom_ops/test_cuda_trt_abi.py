@@ -75,7 +75,7 @@ def _launch_trt_style(launch: tp.Launch, inputs, outputs):
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("form", ["global", "auto"])
+@pytest.mark.parametrize("form", ["global", "smem"])
 @pytest.mark.parametrize("dtype_name,tol", [("float32", 1e-4), ("float16", 2e-3)])
 @pytest.mark.parametrize("case", ["sca", "decoder", "odd"])
 def test_msda_ptx_with_trt_abi(case, dtype_name, tol, form):
@@ -93,8 +93,9 @@ def test_msda_ptx_with_trt_abi(case, dtype_name, tol, form):
     out = T.poisoned((B, Q, M, D), dtype, dev)
     launch = tp.msda_launch("fp32" if dtype == torch.float32 else "fp16", (B, sum(h * w for h, w in shapes), M, D),
                             len(shapes), 2 * G, len(shapes) * P, Q, form=form)
-    if case in ("sca", "odd") and form == "auto":
-        assert launch.kernel.startswith("msda_smem_")
+    if form == "smem" and case == "decoder":
+        pytest.skip("a 2500-position slice does not fit the 48 KB a TensorRT AOT launch may use")
+    assert launch.kernel.startswith("msda_smem_") == (form == "smem")
     _launch_trt_style(launch, tens, [out])
     got = out.double().cpu().numpy()
     assert not np.isnan(got).any()
