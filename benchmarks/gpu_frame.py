@@ -7,7 +7,7 @@ in fp16, the custom ops in their input dtype); the kernel launches per frame are
 that silently fell back would show. Inputs come from the example's synthetic scene generator
 (a mid-scene frame, so the temporal path is live) with a random previous BEV; weights are the seeded ones.
 Each configuration: 5 warm-up frames, then the median of CUDA-event timings of 30 frames; the two paths are
-timed alternately twice and both passes are printed (their spread is the noise). The outputs of the two paths
+timed alternately three times and every pass is printed (their spread is the noise). The outputs of the two paths
 are compared too (relative L2 of bev_embed), so a fast wrong path would show.
 """
 
@@ -90,7 +90,7 @@ def main(argv=None):
         res = {}
         outs = {}
         launches = {}
-        for rnd in range(2):
+        for rnd in range(3):
             for path in ("kernels", "formulation"):
                 cuda.available = real_available if path == "kernels" else (lambda: False)
                 counts.clear()
@@ -113,7 +113,7 @@ def main(argv=None):
     print(f"\nBEVFormer-tiny full frame, {torch.cuda.get_device_name(0)}, torch {torch.__version__}; inputs: {note}")
     print("| precision | with CUDA kernels (ms) | with grid_sample formulation (ms) | ratio | bev_embed rel. diff |")
     print("|---|---|---|---|---|")
-    # each cell: median of the two passes (each pass itself the median of 30 frames), then both passes
+    # each cell: median of the three passes (each pass itself the median of 30 frames), then every pass
     for r in rows:
         k, f = statistics.median(r["kernels_ms"]), statistics.median(r["formulation_ms"])
         print(f"| {r['precision']} | {k:.2f} ({', '.join(f'{v:.2f}' for v in r['kernels_ms'])}) | {f:.2f} "
