@@ -49,7 +49,7 @@ class _Body:
         self._n = counter if counter is not None else itertools.count()
         self.prefix = prefix
 
-    def branch(self, outputs: list[str], name: str) -> tuple[_Body, callable]:
+    def branch(self, name: str) -> tuple[_Body, callable]:
         """A body for an If branch (names stay unique); call the returned function to get its GraphProto."""
         sub = _Body(self.prefix, self._n)
 
@@ -164,8 +164,6 @@ def ms_deform_attn_function(opset: int, sampler: str | None = None) -> onnx.Func
     Hf = b.Unsqueeze(b.to_float(Hs), b.const([1]))  # [L, 1], broadcasts over [.., L, P]
     Wf = b.Unsqueeze(b.to_float(Ws), b.const([1]))
 
-    # softmax over all L*P logits of one (b, q, m), as the plugin does (out-of-bounds points included)
-    w = b.Reshape(b.Softmax(logits, axis=-1), b.Concat(B, Q, M, L, P, axis=0))  # [B,Q,M,L,P]
 
     off = b.Reshape(offs, b.Concat(B, Q, M, L, P, b.const([2]), axis=0))
     off_x = b.Gather(off, b.const(0), axis=5)  # [B,Q,M,L,P]
@@ -182,10 +180,13 @@ def ms_deform_attn_function(opset: int, sampler: str | None = None) -> onnx.Func
     x = b.Sub(b.Add(b.Mul(ref_x, Wf), off_x), half)  # pixel coordinates, [B,Q,M,L,P]
     y = b.Sub(b.Add(b.Mul(ref_y, Hf), off_y), half)
 
+    # softmax over all L*P logits of one (b, q, m), as the plugin does (out-of-bounds points included)
+    if sampler != "table":  # the table form takes it on the rows it computes only
+        w = b.Reshape(b.Softmax(logits, axis=-1), b.Concat(B, Q, M, L, P, axis=0))  # [B,Q,M,L,P]
     if sampler == "gridsample":
         out = _msda_gridsample(b, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, opset)
     elif sampler == "table":
-        out = _msda_corner_table(b, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, Hf, Wf)
+        out = _msda_corner_table(b, value, x, y, logits, B, S, M, D, Q, L, P, Hs, Ws, Hf, Wf)
     elif sampler == "gather":
         out = _msda_gather(b, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, Hf, Wf)
     else:
@@ -242,7 +243,7 @@ def _msda_gather(b: _Body, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, Hf, Wf) 
     return b.Squeeze(acc, b.const([3]))
 
 
-def _msda_corner_table(b: _Body, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, Hf, Wf) -> str:
+def _msda_corner_table(b: _Body, value, x, y, logits, B, S, M, D, Q, L, P, Hs, Ws, Hf, Wf) -> str:
     """Bilinear sampling through a table of 2x2 neighbourhoods: one Gather of 4*D-wide rows and one MatMul.
 
     Row (b, m, l, ty, tx) of the table holds the pixels (ty+dy, tx+dx), dy, dx in {0, 1}, of level l, zero where
@@ -288,7 +289,7 @@ def _msda_corner_table(b: _Body, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, Hf
     r = b.Squeeze(rows, b.const([1]))
     xa = b.Gather(b.Reshape(x, per_row), r, axis=0)  # [n, L*P]
     ya = b.Gather(b.Reshape(y, per_row), r, axis=0)
-    wa = b.Gather(b.Reshape(w, per_row), r, axis=0)
+    wa = b.Softmax(b.Gather(b.Reshape(logits, per_row), r, axis=0), axis=-1)  # softmax of the active rows only
 
     one = b.const(1.0, FLOAT)
     x0 = b.Floor(xa)
@@ -312,11 +313,13 @@ def _msda_corner_table(b: _Body, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, Hf
     Wpf = b.to_float(Wp)
     shift = b.Add(b.Mul(Wpf, b.const(2.0, FLOAT)), b.const(2.0, FLOAT))
     cell = b.Add(b.Mul(b.Max(b.Min(y0, Hcol), m2), Wpf), b.Add(b.Max(b.Min(x0, Wcol), m2), shift))  # exact
-    # row r = (b*Q + q)*M + m: its plane in the table is ((b*M + m)*L + l)
-    QM = b.Mul(Q, M)
-    bm = b.Add(b.Mul(b.Div(r, QM), M), b.Mod(r, M))  # [n]
+    # row r = (b*Q + q)*M + m reads table plane (b*M + m)*L + l
     plane = b.Mul(Hp, Wp)
-    base = b.Mul(b.Add(b.Mul(b.Unsqueeze(bm, b.const([1])), L), lcol), plane)  # [n, L*P]
+    b_idx = b.Reshape(b.Range(b.const(0), b.scalar(B), one_i), b.const([-1, 1, 1]))
+    m_idx = b.Reshape(b.Range(b.const(0), b.scalar(M), one_i), b.const([1, 1, -1]))
+    row_base = b.Mul(b.Mul(b.Add(b.Mul(b_idx, M), m_idx), L), plane)  # [B,1,M]
+    row_base = b.Reshape(b.Expand(row_base, b.Concat(B, Q, M, axis=0)), b.const([-1]))  # [B*Q*M]
+    base = b.Add(b.Unsqueeze(b.Gather(row_base, r, axis=0), b.const([1])), b.Mul(lcol, plane))  # [n, L*P]
     idx = b.Add(base, b.Cast(cell, to=INT64))
     gathered = b.Gather(table, idx, axis=0)  # [n, L*P, 4D]
     gathered = b.Reshape(gathered, b.Concat(n, LP4, D, axis=0))  # [n, L*P*4, D], the table's corner order
@@ -420,14 +423,14 @@ def rotate_function(opset: int) -> onnx.FunctionProto:
         return g.Gather(flat, idx, axis=1), mask
 
     # only the branch the attribute selects runs (If on a constant that references the attribute)
-    nb, nearest_graph = b.branch(["output"], "nearest")
+    nb, nearest_graph = b.branch("nearest")
     # nearest: C's round (halves away from zero), as the fp32 plugin kernel
     rx = nb.Mul(nb.Sign(ix), nb.Floor(nb.Add(nb.Abs(ix), half)))
     ry = nb.Mul(nb.Sign(iy), nb.Floor(nb.Add(nb.Abs(iy), half)))
     pix, mask = pick(nb, ry, rx)
     nearest = nearest_graph(nb.Mul(pix, mask))
 
-    bb, bilinear_graph = b.branch(["output"], "bilinear")
+    bb, bilinear_graph = b.branch("bilinear")
     x0 = bb.Floor(ix)
     y0 = bb.Floor(iy)
     lx = bb.Reshape(bb.Sub(ix, x0), bb.const([1, -1]))

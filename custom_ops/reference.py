@@ -20,16 +20,14 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def _bilinear_gather(
-    img: np.ndarray, x: np.ndarray, y: np.ndarray, fetch
-) -> np.ndarray:
+def _bilinear_gather(size: tuple[int, int], x: np.ndarray, y: np.ndarray, fetch) -> np.ndarray:
     """Bilinear interpolation at pixel coordinates (x, y) with zero padding.
 
     ``fetch(yy, xx)`` returns the pixels at integer indices that are already clipped into the image; a corner
     outside the image contributes 0 (its weight is masked), which is the plugins' and grid_sample's "zeros"
     padding. The result has the shape of ``fetch``'s output.
     """
-    H, W = img
+    H, W = size
     x0 = np.floor(x)
     y0 = np.floor(y)
     lx = x - x0
