@@ -137,17 +137,17 @@ def _adopt(proto: onnx.ModelProto, inferred: onnx.ModelProto) -> bool:
 
 
 def _gaps(proto: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    known = {v.name: v for v in (*proto.graph.value_info, *proto.graph.output, *proto.graph.input)}
-    untyped, unshaped = [], []
-    for node in proto.graph.node:
-        for name in node.output:
-            if not name:
-                continue
-            v = known.get(name)
-            if v is None or v.type.tensor_type.elem_type == 0:
-                untyped.append(name)
-            elif not v.type.tensor_type.HasField("shape"):
-                unshaped.append(name)
+    typed: set[str] = set()
+    shaped: set[str] = set()
+    for v in (*proto.graph.value_info, *proto.graph.output, *proto.graph.input):
+        tt = v.type.tensor_type
+        if tt.elem_type:
+            typed.add(v.name)
+            if tt.HasField("shape"):
+                shaped.add(v.name)
+    produced = [name for node in proto.graph.node for name in node.output if name]
+    untyped = [n for n in produced if n not in typed]
+    unshaped = [n for n in produced if n in typed and n not in shaped]
     return untyped, unshaped
 
 

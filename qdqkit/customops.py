@@ -229,6 +229,33 @@ def _node_attrs(spec: CustomOpSpec, get: Callable[[str], Any]) -> dict[str, Any]
     return spec.attrs_with_defaults(attrs)
 
 
+class _LazyAttrs(Mapping):
+    """The node's attributes over the spec's defaults, each read from onnx only when a shape function asks
+    (most shape functions read none; reading every attribute of every node is most of the Python cost)."""
+
+    def __init__(self, spec: CustomOpSpec, get: Callable[[str], Any]) -> None:
+        self._spec, self._get = spec, get
+        self._names = [a.name for a in spec.attributes]
+        self._cache: dict[str, Any] | None = None
+
+    def _all(self) -> dict[str, Any]:
+        if self._cache is None:
+            self._cache = _node_attrs(self._spec, self._get)
+        return self._cache
+
+    def __getitem__(self, key: str) -> Any:
+        return self._all()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __repr__(self) -> str:
+        return repr(self._all())
+
+
 def node_attributes(spec: CustomOpSpec, node: onnx.NodeProto) -> dict[str, Any]:
     """A node's attributes as Python values, merged over the spec's defaults (what ``infer`` and kernels get)."""
     by_name = {a.name: a for a in node.attribute}
@@ -242,8 +269,7 @@ def _make_inference(key: tuple[str, str]) -> Callable[[Any], None]:
             return
         inputs = [_type_to_info(ctx.get_input_type(i)) if ctx.has_input(i) else None
                   for i in range(ctx.get_num_inputs())]
-        attrs = _node_attrs(spec, ctx.get_attribute)
-        outputs = spec.infer(inputs, attrs)
+        outputs = spec.infer(inputs, _LazyAttrs(spec, ctx.get_attribute) if spec.attributes else {})
         for i, info in enumerate(outputs[: ctx.get_num_outputs()]):
             if info is not None:
                 ctx.set_output_type(i, _info_to_type(info))
