@@ -57,7 +57,8 @@ if mode in ("floor", "peer"):
         else:
             m = onnx.shape_inference.infer_shapes(m, data_prop=True)
     if external:
-        onnx.save(m, dst, save_as_external_data=True, all_tensors_to_one_file=True, location=os.path.basename(dst) + ".data")
+        onnx.save(m, dst, save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=os.path.basename(dst) + ".data")
     else:
         onnx.save(m, dst)
 else:

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 
 from qdqkit.customops import classify_nodes
-from qdqkit.errors import ValidationFailed
 from qdqkit.model import is_large
 from qdqkit.pass_infra import Pass, PassContext, PassResult
 
@@ -18,10 +17,11 @@ from qdqkit.pass_infra import Pass, PassContext, PassResult
 @dataclass
 class SimplifyOptions:
     """``check_runs``: random-input runs comparing the simplified model to the original in onnxruntime with the
-    registered CPU kernels (0 turns the numeric check off). ``rtol`` / ``atol``: tolerance of that check."""
+    registered CPU kernels (0 turns the numeric check off). The largest difference of an output may be at most
+    ``atol + rtol * max|output|``."""
 
     check_runs: int = 1
-    rtol: float = 1e-4
+    rtol: float = 1e-3
     atol: float = 1e-5
     seed: int = 0
 
@@ -35,7 +35,8 @@ class SimplifyPass(Pass):
        through their CPU implementations) on the same random inputs and must agree within ``rtol``/``atol``.
     3. It is skipped, with the reason in the stats (``skipped``), where onnxsim cannot work: models over 2 GB,
        an onnxsim error, or onnxsim reporting that its own check failed. A skip leaves the model unchanged.
-    ``modified`` is True when onnxsim's result was adopted and differs from the input.
+    ``modified`` is True when onnxsim's result was adopted and differs from the input. A numeric disagreement
+    beyond ``atol + rtol * max|output|`` is also a skip (the unsimplified model is kept), named in the stats.
     """
 
     name = "simplify"
@@ -69,7 +70,9 @@ class SimplifyPass(Pass):
         except onnx.checker.ValidationError as exc:
             return _skip(f"onnxsim's result fails the checker: {str(exc).splitlines()[0]}")
         if self.options.check_runs > 0:
-            _compare(proto, simplified, ctx, self.options)
+            mismatch = _compare(proto, simplified, ctx, self.options)
+            if mismatch:
+                return _skip(mismatch)
         changed = simplified.SerializeToString() != proto.SerializeToString()
         stats = {"nodes_before": len(proto.graph.node), "nodes_after": len(simplified.graph.node),
                  "custom_ops": sum(custom_after.values())}
@@ -88,7 +91,8 @@ def _custom_counts(proto: onnx.ModelProto, ctx: PassContext) -> Counter:
                    if e["class"] in ("known-custom", "unknown-custom"))
 
 
-def _compare(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext, opts: SimplifyOptions) -> None:
+def _compare(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext, opts: SimplifyOptions) -> str | None:
+    """None when both models agree on random inputs, else the reason they do not (one line)."""
     rng = np.random.default_rng(opts.seed)
     a = ctx.custom_ops.session(before)
     b = ctx.custom_ops.session(after)
@@ -103,10 +107,18 @@ def _compare(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext, 
         ra = dict(zip([o.name for o in a.get_outputs()], a.run(None, feeds)))
         rb = dict(zip(names, b.run(names, feeds)))
         for name in names:
-            if name in ra and not np.allclose(ra[name], rb[name], rtol=opts.rtol, atol=opts.atol, equal_nan=True):
-                worst = float(np.max(np.abs(np.asarray(ra[name], float) - np.asarray(rb[name], float))))
-                raise ValidationFailed(f"simplify: output '{name}' differs from the unsimplified model "
-                                       f"(max abs diff {worst:.3g})")
+            if name not in ra:
+                continue
+            want, got = np.asarray(ra[name], np.float64), np.asarray(rb[name], np.float64)
+            if want.shape != got.shape:
+                return f"onnxsim's result changes the shape of output '{name}' ({want.shape} -> {got.shape})"
+            # tolerance relative to the output's scale: folding reorders float arithmetic in deep models
+            scale = float(np.max(np.abs(want))) if want.size else 0.0
+            worst = float(np.max(np.abs(want - got))) if want.size else 0.0
+            if not np.isfinite(worst) or worst > opts.atol + opts.rtol * scale:
+                return (f"onnxsim's result differs from the input model on output '{name}' (max abs diff "
+                        f"{worst:.3g} at output scale {scale:.3g}, allowed {opts.atol + opts.rtol * scale:.3g})")
+    return None
 
 
 _ORT_TYPES = {

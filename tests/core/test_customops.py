@@ -101,10 +101,11 @@ def test_installed_in_onnxruntime_serves_paths_bytes_and_upgraded_opsets(registr
     upgraded = onnx.version_converter.convert_version(model, 19)  # what ModelOpt does before calibrating
     x = np.ones((1, 8, 16), np.float32)
     original_init = ort.InferenceSession.__init__
+    cpu = ["CPUExecutionProvider"]
     with registry.installed_in_onnxruntime():
-        a = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-        b = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-        c = ort.InferenceSession(upgraded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        a = ort.InferenceSession(str(path), providers=cpu).run(None, {"x": x})[0]
+        b = ort.InferenceSession(model.SerializeToString(), providers=cpu).run(None, {"x": x})[0]
+        c = ort.InferenceSession(upgraded.SerializeToString(), providers=cpu).run(None, {"x": x})[0]
     assert ort.InferenceSession.__init__ is original_init
     np.testing.assert_allclose(a, b)
     np.testing.assert_allclose(a, c, rtol=1e-5)

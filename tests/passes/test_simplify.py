@@ -68,3 +68,12 @@ def test_unknown_custom_op_is_skipped_not_broken(toy_session, tmp_path):
     handle, result = _run(toy_session, model, tmp_path)
     assert result.modified is False and result.stats["skipped"]
     assert handle.proto.SerializeToString() == before
+
+
+def test_numeric_disagreement_keeps_the_input_model(toy_session, tmp_path):
+    model = _foldable_model()
+    before = model.SerializeToString()
+    # a tolerance no result can meet: the comparison must then refuse onnxsim's model, not fail the run
+    handle, result = _run(toy_session, model, tmp_path, atol=-1.0, rtol=0.0)
+    assert result.modified is False and "differs from the input model on output 'y'" in result.stats["skipped"]
+    assert handle.proto.SerializeToString() == before
