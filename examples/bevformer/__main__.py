@@ -93,7 +93,7 @@ def _apply(model: Path, out: Path, recipe: str, folder: Path, report: Path, args
 
     argv = ["apply", str(model), "-o", str(out), "--recipe", recipe, "--calib", str(folder),
             "--report", str(report),
-            "--set", f"qdq.calib_samples={args.calib_samples}", "--set", f"validate.samples={args.val_samples}"]
+            "--calib-samples", str(args.calib_samples), "--val-samples", str(args.val_samples)]
     try:
         return int(cli.main(argv) or 0)
     except SystemExit as exc:  # argparse and the CLI's error path exit

@@ -92,6 +92,18 @@ def _smooth(rng: np.random.Generator, shape: tuple[int, int], h: int, w: int) ->
     return (a * (1 - ly) * (1 - lx) + b * (1 - ly) * lx + c * ly * (1 - lx) + d * ly * lx).astype(np.float32)
 
 
+def _pink(rng: np.random.Generator, h: int, w: int, beta: float = 2.0) -> np.ndarray:
+    """Noise with the 1/f^beta power spectrum of natural images (beta about 2), unit standard deviation."""
+    spec = np.fft.rfft2(rng.standard_normal((h, w)))
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    f = np.sqrt(fx**2 + fy**2)
+    f[0, 0] = 1.0
+    out = np.fft.irfft2(spec / f ** (beta / 2), s=(h, w))
+    out -= out.mean()
+    return (out / out.std()).astype(np.float32)
+
+
 @dataclass
 class _Object:
     x: float
@@ -108,8 +120,9 @@ class SceneGenerator:
     Content depends only on (seed, scene, t), so any frame can be regenerated without the ones before it.
     """
 
-    def __init__(self, cfg: BEVFormerConfig = TINY, seed: int = 0, scene_len: int = 40):
+    def __init__(self, cfg: BEVFormerConfig = TINY, seed: int = 0, scene_len: int = 40, texture: float = 30.0):
         self.cfg = cfg
+        self.texture = texture
         self.seed = seed
         self.scene_len = scene_len
         self.lidar2img = camera_rig(cfg, seed)
@@ -204,9 +217,15 @@ class SceneGenerator:
             for dx in range(-2, 3):
                 img[ys[ok], xs[ok] + dx] = 230.0
         # Lighting and texture: low-frequency illumination, mid-frequency texture, a little sensor noise.
+        # Natural images carry texture at every scale (a 1/f^2 power spectrum); flat synthetic regions would make
+        # the backbone's activations far more heavy-tailed than real ones, and calibration figures unrealistic.
+        # The texture is mostly static in the scene and drifts a little from frame to frame.
         frng = np.random.default_rng((self.seed, scene, cam, t, 3))
         light = 1.0 + 0.15 * _smooth(rng, (4, 6), h, w)[..., None]
-        texture = 12.0 * _smooth(frng, (24, 40), h, w)[..., None]
+        lum = _pink(np.random.default_rng((self.seed, scene, cam, 4)), h, w)
+        lum = np.roll(lum, 2 * t, axis=1) + 0.3 * _pink(frng, h, w)
+        chroma = _pink(np.random.default_rng((self.seed, scene, cam, 5)), h, w)
+        texture = self.texture * (lum[..., None] + 0.25 * chroma[..., None] * np.array([1.0, -0.5, -0.5]))
         img = img * light + texture + frng.normal(0, 3.0, (h, w, 1)).astype(np.float32)
         img = np.clip(img, 0, 255)
         img = (img - MEAN) / STD

@@ -29,7 +29,9 @@ from .model import TINY, BEVFormer, BEVFormerConfig, build_model
 
 OPSET = 13
 # Bump when the model code changes in a way that changes the exported graph, so stale caches are not reused.
-GRAPH_VERSION = 2
+GRAPH_VERSION = 4
+# Bump when the seeded initialisation changes.
+WEIGHTS_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -56,6 +58,7 @@ def export_key(cfg: BEVFormerConfig, seed: int, variant: int, checkpoint: str | 
         "checkpoint": _checkpoint_id(checkpoint),
         "opset": OPSET,
         "graph_version": GRAPH_VERSION,
+        "weights_version": None if checkpoint else WEIGHTS_VERSION,
         "torch": torch.__version__.split("+")[0],
     }
 

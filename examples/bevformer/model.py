@@ -229,7 +229,9 @@ class SpatialCrossAttention(nn.Module):
     def forward(self, query, feat, ref_cam, bev_mask):
         cfg = self.cfg
         cams = cfg.num_cams
-        q6 = query.repeat(cams, 1, 1)
+        # Concat rather than repeat/expand: those export with a Where over the sizes that onnx shape inference
+        # cannot see through, leaving the camera dimension unknown downstream.
+        q6 = torch.cat([query] * cams, 0)
         out = self.deformable_attention(q6, feat, ref_cam).reshape(cams, cfg.bev_h * cfg.bev_w, cfg.embed_dims)
         # bev_mask already holds 1/(number of cameras that see the query), so the sum is the upstream average.
         slots = (out * bev_mask).sum(0, keepdim=True)
@@ -489,7 +491,10 @@ class LearnedPositionalEncoding(nn.Module):
     def forward(self, h: int, w: int) -> torch.Tensor:
         x = self.col_embed.weight[:w]
         y = self.row_embed.weight[:h]
-        pos = torch.cat([x[None].expand(h, w, -1), y[:, None].expand(h, w, -1)], -1)  # [h, w, 2F]
+        # Broadcast by adding zeros (expand exports as a Where chain that neither constant folding nor shape
+        # inference resolves); all inputs are weights, so the exporter folds this into one constant.
+        zeros = torch.zeros(h, w, 1)
+        pos = torch.cat([x[None] + zeros, y[:, None] + zeros], -1)  # [h, w, 2F]
         return pos.reshape(h * w, 1, -1)
 
 
