@@ -1,0 +1,62 @@
+"""Report writing, the summary table, instrumentation figures and the progress display."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+
+from qdqkit.progress import Progress
+from qdqkit.report import Report, peak_rss, reset_peak_rss
+
+
+def test_report_json_and_table(tmp_path):
+    report = Report()
+    report.set("passes", [{"pass": "detect-custom-ops", "modified": False, "wall_s": 0.01, "peak_rss_mb": 100.0,
+                           "nodes_before": 5, "nodes_after": 5, "stats": {}},
+                          {"pass": "simplify", "modified": False, "wall_s": 0.5, "peak_rss_mb": 120.0,
+                           "nodes_before": 5, "nodes_after": 5, "stats": {"skipped": "model over 2 GB"}}])
+    report.set("facts", {"shapes"})
+    path = tmp_path / "r.json"
+    report.write(path)
+    data = json.loads(path.read_text())
+    assert data["facts"] == ["shapes"] and data["qdqkit_report"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    table = report.table().splitlines()
+    assert table[0].split()[:3] == ["pass", "changed", "time"]
+    assert "skipped: model over 2 GB" in table[-1]
+
+
+def test_peak_rss_reset_measures_what_follows():
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs: per-pass peaks fall back to the process peak (peak_is_per_pass)")
+    low = peak_rss()
+    block = bytearray(64 * 2**20)  # touch 64 MiB
+    block[:: 4096] = b"x" * len(block[:: 4096])
+    assert peak_rss() - low > 48 * 2**20
+    del block
+    reset_peak_rss()
+    assert peak_rss() < low + 48 * 2**20
+
+
+def test_progress_lines_when_not_a_terminal():
+    out = io.StringIO()
+    progress = Progress(out, live=False)
+    progress("[1/2] detect-custom-ops")
+    progress("[2/2] infer-shapes")
+    progress.close()
+    assert out.getvalue() == "qdqkit: [1/2] detect-custom-ops\nqdqkit: [2/2] infer-shapes\n"
+    quiet = io.StringIO()
+    Progress(quiet, enabled=False)("x")
+    assert quiet.getvalue() == ""
+
+
+def test_progress_redraws_a_status_line_on_terminals():
+    out = io.StringIO()
+    with Progress(out, live=True) as progress:
+        progress("[1/1] simplify")
+        time.sleep(1.2)
+    text = out.getvalue()
+    assert text.count("qdqkit: [1/1] simplify (") >= 1 and text.endswith("\r\x1b[K")
