@@ -87,3 +87,13 @@ def test_ptx_parameter_list_is_trt_aot_abi(launch, n_in, n_out):
     norm = ["u32" if t in ("u32", "s32", "b32") else t for t in types]
     assert norm == expect, f"{launch.kernel}: {types}"
     assert all(isinstance(e, int) and -2**31 <= e < 2**31 for e in launch.extras)
+
+
+def test_shared_memory_form_refuses_slices_over_48_kb():
+    """A TensorRT AOT launch cannot raise the dynamic shared-memory limit, so the plan must refuse the staged
+    form where a (batch, head) value slice exceeds 48 KB (BEVFormer's 50x50 maps) and take it where it fits."""
+    with pytest.raises(ValueError, match="48 KB"):
+        tp.msda_launch("fp16", (1, 2500, 8, 32), 1, 2, 4, 900, form="smem")
+    fits = tp.msda_launch("fp32", (6, 375, 8, 32), 1, 8, 8, 2500, form="smem")
+    assert fits.kernel == "msda_smem_lp8_fp32_v8" and fits.shared_mem == 375 * 32 * 4
+    assert tp.msda_launch("fp16", (1, 2500, 8, 32), 1, 2, 4, 900).kernel == "msda_lp4_fp16_v8"
