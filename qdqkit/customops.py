@@ -347,6 +347,14 @@ class CustomOpRegistry:
         """Name of the plugin that registered ``spec``."""
         return self._origin.get(id(spec), "?")
 
+    def drop_plugin(self, plugin: str) -> None:
+        """Forget every spec the named plugin registered (it failed part-way through registering)."""
+        gone = [s for s in self._specs if self._origin.get(id(s)) == plugin]
+        for spec in gone:
+            self._specs = [s for s in self._specs if s is not spec]
+            self._by_key = {k: v for k, v in self._by_key.items() if v is not spec}
+            del self._origin[id(spec)]
+
     def __iter__(self) -> Iterator[CustomOpSpec]:
         return iter(self._specs)
 

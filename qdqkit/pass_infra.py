@@ -106,6 +106,11 @@ class PassRegistry:
     def origin(self, name: str) -> str:
         return self._origin[name]
 
+    def drop_plugin(self, plugin: str) -> None:
+        """Forget every pass the named plugin registered (it failed part-way through registering)."""
+        for name in [n for n, origin in self._origin.items() if origin == plugin]:
+            del self._passes[name], self._origin[name]
+
     def __contains__(self, name: object) -> bool:
         return name in self._passes
 

@@ -87,6 +87,11 @@ class RecipeRegistry:
     def origin(self, name: str) -> str:
         return self._origin[name]
 
+    def drop_plugin(self, plugin: str) -> None:
+        """Forget every recipe the named plugin registered."""
+        for name in [n for n, origin in self._origin.items() if origin == plugin]:
+            del self._recipes[name], self._origin[name]
+
     def __contains__(self, name: object) -> bool:
         return name in self._recipes
 

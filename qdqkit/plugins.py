@@ -214,6 +214,11 @@ class Session:
                 except Exception as exc:  # a broken plugin is dropped and named, not fatal
                     self.failures.append(PluginFailure(impl.plugin_name, f"{hook_name} failed: {_describe(exc)}"))
                     dropped.add(impl.plugin_name)
+                    # take back what it registered so far, so a dropped plugin leaves nothing half-there
+                    for _, reg in calls:
+                        drop = getattr(reg, "drop_plugin", None)
+                        if drop is not None:
+                            drop(impl.plugin_name)
         for name in dropped:
             plugin = self.pm.get_plugin(name)
             if plugin is not None:

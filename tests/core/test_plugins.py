@@ -117,3 +117,32 @@ def test_plugin_args_parsing():
     assert args.load == ["a.b", "d"] and args.block == {"c"}
     with pytest.raises(UserError):
         PluginArgs.parse(["no:"])
+
+
+def test_plugin_failing_half_way_leaves_nothing_behind(plugin_dir):
+    _dist(plugin_dir, "halfplug", {"halfplug": "halfplug_mod"}, {"halfplug_mod": """
+        from qdqkit.customops import CustomOpSpec, IOSpec
+        from qdqkit.hookspecs import hookimpl
+        from qdqkit.pass_infra import Pass, PassResult
+
+        class HalfPass(Pass):
+            name = "half-pass"
+            def run(self, model, ctx):
+                return PassResult(False)
+
+        @hookimpl
+        def qdqkit_register_passes(registry):
+            registry.add(HalfPass)
+
+        @hookimpl
+        def qdqkit_register_custom_ops(registry):
+            registry.add(CustomOpSpec("HalfOpTRT", (IOSpec("x", ("tensor(float)",)),),
+                                      (IOSpec("y", ("tensor(float)",)),), lambda i, a: [i[0]]))
+            raise RuntimeError("second op spec is broken")
+    """})
+    session = Session.start()
+    failure = next(f for f in session.failures if f.name == "halfplug")
+    assert "second op spec is broken" in failure.reason
+    assert "half-pass" not in session.passes
+    assert session.custom_ops.lookup("", "HalfOpTRT") is None
+    assert "detect-custom-ops" in session.passes
