@@ -95,6 +95,10 @@ def _launch(source: str, kernel: str, grid: Tuple[int, ...], args: Sequence, dev
     stream = _raw_stream(index)
     grid = tuple(grid) + (1,) * (3 - len(grid))
     lib = _libcuda() if _function_ptr(fn) else None
+    if lib is not None and index != torch.cuda.current_device():
+        # the driver launches into the calling thread's current context, which must be this device's
+        with torch.cuda.device(index):
+            return _launch(source, kernel, grid, args, device, shared_mem)
     if lib is not None:
         holders = [ctypes.c_uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int32(int(a))
                    for a in args]
