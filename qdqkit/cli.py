@@ -353,7 +353,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from qdqkit.model import ModelHandle
 
     session = _session(args)
-    model = ModelHandle.load(args.model)
+    model = ModelHandle.load(args.model, external_weights=False)  # structure only: the weights stay on disk
     summary = _summary(model.proto, session)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))

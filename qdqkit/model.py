@@ -49,8 +49,12 @@ class ModelHandle:
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ModelHandle:
-        """Read an ONNX file (and its external data). Bad files raise ``UserError`` with one clear line."""
+    def load(cls, path: str | os.PathLike, *, external_weights: bool = True) -> ModelHandle:
+        """Read an ONNX file and its external data. Bad files raise ``UserError`` with one clear line.
+
+        ``external_weights=False`` checks that the external data files exist but leaves the tensors on disk
+        (enough for inspecting structure; such a handle cannot be saved elsewhere).
+        """
         path = Path(path)
         if not path.exists():
             raise UserError(f"model file not found: {path}")
@@ -67,6 +71,8 @@ class ModelHandle:
         external = has_external_data(proto)
         if external:
             _check_external_files(proto, path.parent, path)
+            if not external_weights:
+                return cls(proto, source_path=path, external_data=True)
             try:
                 onnx.load_external_data_for_model(proto, str(path.parent))
             except (OSError, ValueError, onnx.checker.ValidationError) as exc:

@@ -191,3 +191,15 @@ def test_apply_output_runs_like_input(qdqkit_cli, model_file, tmp_path, toy_sess
     a = toy_session.custom_ops.session(onnx.load(model_file)).run(None, {"x": x})[0]
     b = toy_session.custom_ops.session(onnx.load(out)).run(None, {"x": x})[0]
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_inspect_leaves_external_weights_on_disk(qdqkit_cli, tmp_path):
+    src = tmp_path / "ext.onnx"
+    save_model(toymodels.big_model(total_bytes=2 * 256 * 256 * 4, width=256), src, external_data=True)
+    rc, out, err = qdqkit_cli("inspect", src, "--json")
+    assert rc == 0, err
+    data = json.loads(out)
+    assert data["custom_ops"]["counts"]["known-custom"] == 3 and data["op_histogram"]["MatMul"] == 2
+    (tmp_path / "ext.onnx.data").unlink()
+    rc, _, err = qdqkit_cli("inspect", src)
+    _one_line_error(rc, err, "ext.onnx.data")
