@@ -7,14 +7,7 @@ from typing import Any
 
 from onnx import helper
 
-from qdqkit.customops import (
-    NODE_KNOWN,
-    NODE_UNKNOWN,
-    TRT_PLUGIN_DOMAIN,
-    canonical_domain,
-    classify_nodes,
-    iter_nodes,
-)
+from qdqkit.customops import NODE_KNOWN, NODE_UNKNOWN, TRT_PLUGIN_DOMAIN, canonical_domain, iter_nodes, op_class
 from qdqkit.errors import UserError
 from qdqkit.pass_infra import Pass, PassContext, PassResult
 
@@ -33,7 +26,7 @@ class TrtPluginDomainPass(Pass):
     """Put custom ops in the ``trt.plugins`` domain, as onnxruntime's TensorRT provider requires.
 
     Forward:
-      1. Every custom node of the census (known, and unknown unless ``include_unknown`` is off), restricted to
+      1. Every custom node (known, and unknown unless ``include_unknown`` is off), restricted to
          ``op_types`` when given, gets domain ``trt.plugins``; standard and onnxruntime-contrib nodes never move.
       2. The ``trt.plugins`` opset import (version 1) is added; opset imports of custom domains that no node uses
          any more are removed. The default-domain import always stays.
@@ -71,12 +64,15 @@ class TrtPluginDomainPass(Pass):
                 node.domain = canonical_domain(target)
                 moved[node.op_type] = moved.get(node.op_type, 0) + 1
         else:
-            census = ctx.state.get("detect-custom-ops") or classify_nodes(proto, ctx.custom_ops)
             classes = {NODE_KNOWN, NODE_UNKNOWN} if self.options.include_unknown else {NODE_KNOWN}
-            movable = {(e["domain"], e["op_type"]) for e in census["nodes"].values() if e["class"] in classes}
+            # classified per op type, now: passes since detect-custom-ops may have added nodes
+            movable: dict[tuple[str, str], bool] = {}
             originals = state.setdefault("original_domain_by_op", {})
             for node in iter_nodes(proto.graph):
-                if (node.domain, node.op_type) not in movable or node.domain == TRT_PLUGIN_DOMAIN:
+                key = (node.domain, node.op_type)
+                if key not in movable:
+                    movable[key] = op_class(node, ctx.custom_ops) in classes
+                if not movable[key] or node.domain == TRT_PLUGIN_DOMAIN:
                     continue
                 if wanted and node.op_type not in wanted:
                     continue

@@ -687,6 +687,18 @@ def classify_nodes(proto: onnx.ModelProto, registry: CustomOpRegistry) -> dict[s
     return {"nodes": nodes, "counts": counts, "known": sorted(known), "unknown": sorted(unknown)}
 
 
+def op_class(node: onnx.NodeProto, registry: CustomOpRegistry) -> str:
+    """The class of one node: NODE_STANDARD, NODE_CONTRIB, NODE_KNOWN or NODE_UNKNOWN."""
+    spec = registry.lookup(node.domain, node.op_type)
+    if spec is None and _is_standard_node(node):
+        return NODE_STANDARD
+    if spec is not None:
+        return NODE_KNOWN
+    if canonical_domain(node.domain) in ORT_CONTRIB_DOMAINS:
+        return NODE_CONTRIB
+    return NODE_UNKNOWN
+
+
 def node_classes(graph: onnx.GraphProto, registry: CustomOpRegistry) -> list[str]:
     """The class of each node of ``graph`` (not its subgraphs), in order; cheap: one lookup per op type."""
     cache: dict[tuple[str, str], str] = {}
@@ -695,15 +707,6 @@ def node_classes(graph: onnx.GraphProto, registry: CustomOpRegistry) -> list[str
         key = (node.domain, node.op_type)
         cls = cache.get(key)
         if cls is None:
-            spec = registry.lookup(node.domain, node.op_type)
-            if spec is None and _is_standard_node(node):
-                cls = NODE_STANDARD
-            elif spec is not None:
-                cls = NODE_KNOWN
-            elif canonical_domain(node.domain) in ORT_CONTRIB_DOMAINS:
-                cls = NODE_CONTRIB
-            else:
-                cls = NODE_UNKNOWN
-            cache[key] = cls
+            cls = cache[key] = op_class(node, registry)
         out.append(cls)
     return out
