@@ -256,3 +256,14 @@ optional_rules = ["op-type:Gemm"]
     q = onnx.load(tmp_path / "o.onnx")
     assert _dq_fed(q, "block1/msda/output_proj/MatMul") == [False, False]
     assert _dq_fed(q, "block0/msda/output_proj/MatMul") == [True, True]
+
+
+def test_unknown_op_is_refused_before_calibration(tmp_path, capsys):
+    g = helper.make_graph([helper.make_node("MysteryTRT", ["x"], ["y"], name="m")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.ones((20, 4), np.float32))
+    _one_line_exit_2(capsys, ["apply", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"),
+                              "--calib", str(tmp_path / "c.npz"), "--passes", "qdq", "--exclude-op-types", "MysteryTRT"],
+                     "MysteryTRT", "neither standard ONNX nor a registered custom op")
