@@ -70,10 +70,12 @@ def _dq_fed(model, node_name):
     return [dq(t) for t in node.input[:2]]
 
 
-def _run_cpu(session, model):
+def _run_cpu(session, model, high):
     so = ort.SessionOptions()
-    # onnxruntime's extended layer-norm fusion fails on some fp16 Q/DQ graphs (an onnxruntime CPU bug)
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if high == "fp16":
+        # onnxruntime 1.24's SimplifiedLayerNormFusion fails at session creation on the fp16 decomposed
+        # LayerNorm of the mha variant (it references a Cast it inserted and removed itself): basic level
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     s = session.custom_ops.session(model, sess_options=so)
     x = qdq_models.calibration_images(1, seed=9)
     return s.run(None, {"image": x})
@@ -92,7 +94,7 @@ def test_apply_checks_runs_and_validates(files, session, rule, high):
 
     q = onnx.load(out)
     onnx.checker.check_model(q, full_check=True)
-    outs = _run_cpu(session, q)
+    outs = _run_cpu(session, q, high)
     assert [o.shape for o in outs] == [(1, 10), (1, 64, 32)] and all(np.isfinite(o).all() for o in outs)
 
     val = _step(report, "validate")
