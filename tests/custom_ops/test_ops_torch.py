@@ -97,6 +97,21 @@ def test_cpu_tensors_never_reach_the_cuda_kernels():
     assert T._cuda_kernel("ms_deform_attn", [torch.zeros(1)]) is None
 
 
+@pytest.mark.gpu
+def test_cuda_tensors_go_to_the_cuda_kernels(monkeypatch):
+    from qdqkit.custom_ops import cuda
+
+    if not torch.cuda.is_available() or not cuda.available():
+        pytest.skip("needs a CUDA GPU with the qdqkit.custom_ops.cuda kernels usable")
+    calls = []
+    real = cuda.ms_deform_attn
+    monkeypatch.setattr(cuda, "ms_deform_attn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = [t(a).cuda() for a in msda_inputs(BEVFORMER_TINY_MSDA["decoder"], seed=2)]
+    got = T.ms_deform_attn(*inputs)
+    assert calls and got.is_cuda
+    torch.testing.assert_close(got, T.ms_deform_attn_torch(*inputs), atol=1e-4, rtol=1e-4)
+
+
 class AllOps(torch.nn.Module):
     """One of each op; ``variant`` picks the …TRT or …TRT2 names."""
 
