@@ -312,7 +312,8 @@ def _msda_corner_table(b: _Body, value, x, y, logits, B, S, M, D, Q, L, P, Hs, W
     m2 = b.const(-2.0, FLOAT)
     Wpf = b.to_float(Wp)
     shift = b.Add(b.Mul(Wpf, b.const(2.0, FLOAT)), b.const(2.0, FLOAT))
-    cell = b.Add(b.Mul(b.Max(b.Min(y0, Hcol), m2), Wpf), b.Add(b.Max(b.Min(x0, Wcol), m2), shift))  # exact
+    # float32 is exact here while a level plane has fewer than 2**24 cells
+    cell = b.Add(b.Mul(b.Max(b.Min(y0, Hcol), m2), Wpf), b.Add(b.Max(b.Min(x0, Wcol), m2), shift))
     # row r = (b*Q + q)*M + m reads table plane (b*M + m)*L + l
     plane = b.Mul(Hp, Wp)
     b_idx = b.Reshape(b.Range(b.const(0), b.scalar(B), one_i), b.const([-1, 1, 1]))
