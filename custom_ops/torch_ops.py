@@ -452,8 +452,15 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
 
 
 def rotate(img, angle, center, interpolation: int = 1, variant: int = 2):
-    """Rotate [C,H,W] by ``angle`` degrees about ``center``; exports as ``RotateTRT2`` (variant 2) or ``RotateTRT``."""
+    """Rotate [C,H,W] by ``angle`` degrees about ``center``; exports as ``RotateTRT2`` (variant 2) or ``RotateTRT``.
+
+    ``angle`` and ``center`` may also be Python numbers; they become tensors of the image's type.
+    """
     fn = _variant(variant, RotateFunction, RotateFunction2)
+    if not isinstance(angle, torch.Tensor):
+        angle = torch.tensor(float(angle), dtype=img.dtype, device=img.device)
+    if not isinstance(center, torch.Tensor):
+        center = torch.tensor([float(c) for c in center], dtype=img.dtype, device=img.device)
     return fn.apply(img, angle, center, int(interpolation))
 
 

@@ -88,6 +88,12 @@ def test_dcn_and_rotate_gradients():
         lambda i: T.rotate(i, torch.tensor(25.0, dtype=torch.float64), torch.tensor([2.0, 3.0]), 0), (img,))
 
 
+def test_rotate_takes_python_numbers():
+    img = torch.randn(2, 7, 6)
+    got = T.rotate(img, 21.0, (3.0, 2.5), 0)
+    torch.testing.assert_close(got, T.rotate(img, torch.tensor(21.0), torch.tensor([3.0, 2.5]), 0))
+
+
 def test_variant_must_be_1_or_2():
     with pytest.raises(ValueError, match="variant"):
         T.rotate(torch.zeros(1, 2, 2), torch.tensor(0.0), torch.zeros(2), 1, variant=3)
