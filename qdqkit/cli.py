@@ -151,6 +151,9 @@ def _cli_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             for name, opts in (("qdq", qdq), ("validate", validate), ("infer-shapes", shapes))}
 
 
+_FLAG_OF = {"samples": "--val-samples", "fallback": "--shape-fallback", "exclude_patterns": "--exclude-pattern"}
+
+
 def _plugin_precision(values: list[str] | None) -> dict[str, str] | None:
     if not values:
         return None
@@ -196,7 +199,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     session = _session(args)
     steps, origin = _steps(args, session)
-    steps = pl.merge_options(steps, _cli_options(args))
+    cli_options = _cli_options(args)
+    present = {s.pass_name for s in steps}
+    for pass_name, opts in cli_options.items():
+        if opts and pass_name not in present:
+            flags = ", ".join(_FLAG_OF.get(k, "--" + k.replace("_", "-")) for k in opts)
+            hint = " (the default recipe runs qdq and validate only with --calib)" if pass_name in ("qdq", "validate") \
+                else ""
+            raise UserError(f"{flags} set options of the '{pass_name}' step, which this pipeline ({origin}) does not "
+                            f"have{hint}")
+    steps = pl.merge_options(steps, cli_options)
     try:
         pipe = pl.Pipeline(steps, session.passes, hook=session.hook, verify_each=args.verify_each,
                            dump_dir=args.dump_dir)

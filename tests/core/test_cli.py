@@ -203,3 +203,13 @@ def test_inspect_leaves_external_weights_on_disk(qdqkit_cli, tmp_path):
     (tmp_path / "ext.onnx.data").unlink()
     rc, _, err = qdqkit_cli("inspect", src)
     _one_line_error(rc, err, "ext.onnx.data")
+
+
+def test_flags_for_a_step_the_pipeline_lacks_are_refused(qdqkit_cli, model_file, tmp_path):
+    rc, _, err = qdqkit_cli("apply", model_file, "-o", tmp_path / "o.onnx", "--exclude-op-types", "MatMul")
+    _one_line_error(rc, err, "--exclude-op-types set options of the 'qdq' step")
+    assert "only with --calib" in err
+    rc, _, err = qdqkit_cli("apply", model_file, "-o", tmp_path / "o.onnx", "--passes", "detect-custom-ops",
+                            "--shape-fallback", "run")
+    _one_line_error(rc, err, "--shape-fallback set options of the 'infer-shapes' step")
+    assert not (tmp_path / "o.onnx").exists()
