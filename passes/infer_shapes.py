@@ -11,7 +11,7 @@ from onnx import helper
 
 from qdqkit.customops import NODE_CONTRIB, NODE_UNKNOWN, node_classes
 from qdqkit.errors import UserError
-from qdqkit.model import LIGHT_WEIGHTS, structure_only, weight_bytes
+from qdqkit import model as qmodel
 from qdqkit.pass_infra import Pass, PassContext, PassResult
 
 FALLBACKS = ("error", "run", "guess")
@@ -100,11 +100,11 @@ def _label(node: onnx.NodeProto) -> str:
 
 def _infer(proto: onnx.ModelProto, hints: list[onnx.ValueInfoProto], data_prop: bool) -> onnx.ModelProto:
     # onnx serializes what it is given: hand it the weights only when they are light
-    if weight_bytes(proto) < LIGHT_WEIGHTS:
+    if qmodel.weight_bytes(proto) < qmodel.LIGHT_WEIGHTS:
         skeleton = onnx.ModelProto()
         skeleton.CopyFrom(proto)
     else:
-        skeleton = structure_only(proto)
+        skeleton = qmodel.structure_only(proto)
     if hints:
         have = {v.name for v in skeleton.graph.value_info}
         skeleton.graph.value_info.extend(h for h in hints if h.name not in have)

@@ -86,10 +86,17 @@ def test_run_fallback_says_what_is_missing(toy_session, tmp_path):
         _run(toy_session, _mystery(), tmp_path, fallback="run")
 
 
-def test_large_model_path_keeps_weights_in_place(toy_session, tmp_path):
+def test_large_model_path_keeps_weights_in_place(toy_session, tmp_path, monkeypatch):
+    import qdqkit.model as qm
+
+    monkeypatch.setattr(qm, "LIGHT_WEIGHTS", 1000)  # take the data-less route models past 2 GB take
+    skeletons = []
+    real = qm.structure_only
+    monkeypatch.setattr(qm, "structure_only", lambda proto, *a: skeletons.append(real(proto, *a)) or skeletons[-1])
     model = toymodels.big_model(total_bytes=2 * 512 * 512 * 4, width=512)
     weights = [t.raw_data for t in model.graph.initializer]
     proto, result = _run(toy_session, model, tmp_path)
     assert [t.raw_data for t in proto.graph.initializer] == weights
+    assert skeletons and all(t.data_location == onnx.TensorProto.EXTERNAL for t in skeletons[0].graph.initializer)
     assert _shapes(proto)["h1"] == (onnx.TensorProto.FLOAT, [1, 512])
     assert result.stats["untyped"] == 0
