@@ -34,6 +34,7 @@ setup(
         "pluggy>=1.3",
         "networkx",
         "nvidia-modelopt[onnx]",
+        'tomli; python_version < "3.11"',  # pipeline TOML files (tomllib is in the standard library from 3.11)
         # onnxruntime itself arrives with nvidia-modelopt[onnx] (the onnxruntime-gpu build, which also runs on the CPU).
     ],
     extras_require={

@@ -21,11 +21,15 @@ after each such pass.
 from __future__ import annotations
 
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser as a package
+    import tomli as tomllib  # type: ignore[no-redef]
 
 import onnx
 
