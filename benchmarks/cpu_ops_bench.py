@@ -42,9 +42,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
+from qdqkit.custom_ops import functions, plugin
 
 from qdqkit.customops import CustomOpRegistry
-from qdqkit.custom_ops import functions, plugin
 
 SHARE_FLOOR = 0.15
 
@@ -90,19 +90,27 @@ def _msda_inputs(B, shapes, Q, M, D, G, P, seed=0):
     shapes = np.asarray(shapes, np.int64)
     S = int((shapes[:, 0] * shapes[:, 1]).sum())
     L = len(shapes)
-    return [rng.standard_normal((B, S, M, D)).astype(np.float32), shapes,
-            rng.uniform(0, 1, (B, Q, 1, 2 * G)).astype(np.float32),
-            rng.normal(0, 2, (B, Q, M, L * P * 2)).astype(np.float32),
-            rng.standard_normal((B, Q, M, L * P)).astype(np.float32)]
+    return [
+        rng.standard_normal((B, S, M, D)).astype(np.float32),
+        shapes,
+        rng.uniform(0, 1, (B, Q, 1, 2 * G)).astype(np.float32),
+        rng.normal(0, 2, (B, Q, M, L * P * 2)).astype(np.float32),
+        rng.standard_normal((B, Q, M, L * P)).astype(np.float32),
+    ]
 
 
 def _one_node(op: str, inputs, attrs, opset: int, domain: str, fn: onnx.FunctionProto | None) -> bytes:
     names = [f"in{i}" for i in range(len(inputs))]
     node = helper.make_node(op, names, ["out"], domain=domain, **attrs)
     graph = helper.make_graph(
-        [node], op,
-        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for n, a in zip(names, inputs)],
-        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)])
+        [node],
+        op,
+        [
+            helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+            for n, a in zip(names, inputs)
+        ],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
+    )
     imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
     model = helper.make_model(graph, opset_imports=imports)
     model.ir_version = 8
@@ -119,26 +127,42 @@ def _python_op_session(op: str, inputs, attrs, threads: int):
     """A session where ``op`` is an onnxruntime-extensions Python op running the plain-PyTorch forward."""
     import onnxruntime_extensions as ortx
     import torch
-
     from qdqkit.custom_ops import torch_ops
 
-    kinds = {np.dtype(np.float32): ortx.PyCustomOpDef.dt_float, np.dtype(np.int64): ortx.PyCustomOpDef.dt_int64}
+    kinds = {
+        np.dtype(np.float32): ortx.PyCustomOpDef.dt_float,
+        np.dtype(np.int64): ortx.PyCustomOpDef.dt_int64,
+    }
     domain = "qdqkit.bench"
     if op not in _PY_OPS:
         if op == "MSDA":
+
             def kernel(v, s, r, o, a):
-                return torch_ops.ms_deform_attn_torch(*(torch.from_numpy(np.asarray(x)) for x in (v, s, r, o, a))).numpy()
+                return torch_ops.ms_deform_attn_torch(
+                    *(torch.from_numpy(np.asarray(x)) for x in (v, s, r, o, a))
+                ).numpy()
         else:
+
             def kernel(img, angle, center, **kw):
-                return torch_ops.rotate_torch(torch.from_numpy(img), torch.from_numpy(np.asarray(angle)),
-                                              torch.from_numpy(center), int(kw.get("interpolation", 1))).numpy()
-        ortx.onnx_op(op_type=f"{domain}::{op}", inputs=[kinds[a.dtype] for a in inputs],
-                     outputs=[ortx.PyCustomOpDef.dt_float],
-                     attrs={k: ortx.PyCustomOpDef.dt_int64 for k in attrs})(kernel)
+                return torch_ops.rotate_torch(
+                    torch.from_numpy(img),
+                    torch.from_numpy(np.asarray(angle)),
+                    torch.from_numpy(center),
+                    int(kw.get("interpolation", 1)),
+                ).numpy()
+
+        ortx.onnx_op(
+            op_type=f"{domain}::{op}",
+            inputs=[kinds[a.dtype] for a in inputs],
+            outputs=[ortx.PyCustomOpDef.dt_float],
+            attrs={k: ortx.PyCustomOpDef.dt_int64 for k in attrs},
+        )(kernel)
         _PY_OPS.add(op)
     o = _opts(threads)
     o.register_custom_ops_library(ortx.get_library_path())
-    return ort.InferenceSession(_one_node(op, inputs, attrs, 13, domain, None), o, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        _one_node(op, inputs, attrs, 13, domain, None), o, providers=["CPUExecutionProvider"]
+    )
 
 
 def bench_ops(repeat: int, threads: int) -> dict:
@@ -148,37 +172,58 @@ def bench_ops(repeat: int, threads: int) -> dict:
         inputs = _msda_inputs(B, shapes, Q, M, D, G, P)
         feed = {f"in{i}": a for i, a in enumerate(inputs)}
         row = {"calls_per_frame": calls}
-        for label, opset, sampler in (("function-table@13", 13, "table"), ("function-table@19", 19, "table"),
-                                      ("function-gather@13", 13, "gather"), ("function-gridsample@19", 19, "gridsample")):
+        for label, opset, sampler in (
+            ("function-table@13", 13, "table"),
+            ("function-table@19", 19, "table"),
+            ("function-gather@13", 13, "gather"),
+            ("function-gridsample@19", 19, "gridsample"),
+        ):
             fn = functions.ms_deform_attn_function(opset, sampler=sampler)
-            sess = ort.InferenceSession(_one_node("MSDA", inputs, {}, opset, "trt.plugins", fn), _opts(threads),
-                                        providers=["CPUExecutionProvider"])
-            row[label] = 1e3 * _time(lambda s=sess: s.run(None, feed), repeat)
+            sess = ort.InferenceSession(
+                _one_node("MSDA", inputs, {}, opset, "trt.plugins", fn),
+                _opts(threads),
+                providers=["CPUExecutionProvider"],
+            )
+            row[label] = 1e3 * _time(lambda s=sess, f=feed: s.run(None, f), repeat)
         try:
             sess = _python_op_session("MSDA", inputs, {}, threads)
-            row["python-op"] = 1e3 * _time(lambda s=sess: s.run(None, feed), repeat)
+            row["python-op"] = 1e3 * _time(lambda s=sess, f=feed: s.run(None, f), repeat)
         except ImportError:
             row["python-op"] = None
         results["msda"][name] = row
-        print(f"MSDA {name:8s} " + "  ".join(f"{k} {v:7.1f} ms" for k, v in row.items()
-                                              if k != "calls_per_frame" and v is not None), flush=True)
+        print(
+            f"MSDA {name:8s} "
+            + "  ".join(
+                f"{k} {v:7.1f} ms" for k, v in row.items() if k != "calls_per_frame" and v is not None
+            ),
+            flush=True,
+        )
 
     rng = np.random.default_rng(1)
-    inputs = [rng.standard_normal(ROTATE_SHAPE).astype(np.float32), np.array(3.5, np.float32),
-              np.array([100.0, 100.0], np.float32)]
+    inputs = [
+        rng.standard_normal(ROTATE_SHAPE).astype(np.float32),
+        np.array(3.5, np.float32),
+        np.array([100.0, 100.0], np.float32),
+    ]
     feed = {f"in{i}": a for i, a in enumerate(inputs)}
     for label, opset in (("function@13", 13), ("function@19", 19)):
-        sess = ort.InferenceSession(_one_node("Rotate", inputs, {"interpolation": 1}, opset, "trt.plugins",
-                                              functions.rotate_function(opset)), _opts(threads),
-                                    providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(
+            _one_node(
+                "Rotate", inputs, {"interpolation": 1}, opset, "trt.plugins", functions.rotate_function(opset)
+            ),
+            _opts(threads),
+            providers=["CPUExecutionProvider"],
+        )
         results["rotate"][label] = 1e3 * _time(lambda s=sess: s.run(None, feed), repeat)
     try:
         sess = _python_op_session("Rotate", inputs, {"interpolation": 1}, threads)
         results["rotate"]["python-op"] = 1e3 * _time(lambda s=sess: s.run(None, feed), repeat)
     except ImportError:
         results["rotate"]["python-op"] = None
-    print("Rotate [256,50,50] " + "  ".join(f"{k} {v:6.1f} ms" for k, v in results["rotate"].items() if v),
-          flush=True)
+    print(
+        "Rotate [256,50,50] " + "  ".join(f"{k} {v:6.1f} ms" for k, v in results["rotate"].items() if v),
+        flush=True,
+    )
     results["random_inputs_frame_ms"] = (
         sum(r["function-table@13"] * r["calls_per_frame"] for r in results["msda"].values())
         + results["rotate"]["function@13"]
@@ -209,7 +254,9 @@ def _frame_inputs(sess: ort.InferenceSession) -> dict:
 def _capture_custom_inputs(reg: CustomOpRegistry, model: onnx.ModelProto, feed: dict, threads: int) -> list:
     """Run the frame once with every custom node's inputs as extra outputs: [(node, [arrays])]."""
     typed = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)}
+    types = {
+        v.name: v for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)
+    }
     for init in model.graph.initializer:
         types.setdefault(init.name, helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     nodes = [n for n in model.graph.node if reg.lookup(n.domain, n.op_type) is not None]
@@ -239,9 +286,12 @@ def bench_frame(repeat: int, threads: int) -> dict:
     reg = _registry()
     model = onnx.load(str(exported.onnx_path))
     execution = reg.execution_model(model)
-    sess = ort.InferenceSession(execution.SerializeToString(), _opts(threads), providers=["CPUExecutionProvider"])
-    stub_sess = ort.InferenceSession(_stubbed(execution).SerializeToString(), _opts(threads),
-                                     providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        execution.SerializeToString(), _opts(threads), providers=["CPUExecutionProvider"]
+    )
+    stub_sess = ort.InferenceSession(
+        _stubbed(execution).SerializeToString(), _opts(threads), providers=["CPUExecutionProvider"]
+    )
     feed = _frame_inputs(sess)
     # interleaved, so that both see the same load from whatever else runs on the machine
     real, stub = [], []
@@ -264,10 +314,19 @@ def bench_frame(repeat: int, threads: int) -> dict:
         active = None
         if node.op_type.startswith("MultiScaleDeformableAttn"):
             active = _active_rows(arrays)
-        calls.append({"op": node.op_type, "name": node.name, "ms": 1e3 * _time(lambda s=s1, f=f1: s.run(None, f), repeat),
-                      "active_rows": active})
-        print(f"  {node.op_type:30s} {node.name[-40:]:40s} {calls[-1]['ms']:7.1f} ms"
-              + (f"  ({100 * active:.0f} % of rows sample inside)" if active is not None else ""), flush=True)
+        calls.append(
+            {
+                "op": node.op_type,
+                "name": node.name,
+                "ms": 1e3 * _time(lambda s=s1, f=f1: s.run(None, f), repeat),
+                "active_rows": active,
+            }
+        )
+        print(
+            f"  {node.op_type:30s} {node.name[-40:]:40s} {calls[-1]['ms']:7.1f} ms"
+            + (f"  ({100 * active:.0f} % of rows sample inside)" if active is not None else ""),
+            flush=True,
+        )
     in_frame_ms = sum(c["ms"] for c in calls)
 
     psess = reg.session(model, sess_options=_opts(threads, profile=True))
@@ -279,13 +338,21 @@ def bench_frame(repeat: int, threads: int) -> dict:
     os.unlink(path)
     # only the second run: the first one also pays for allocating every buffer
     last = max((e for e in trace if e.get("name") == "model_run"), key=lambda e: e["ts"])
-    events = [e for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
-              and last["ts"] <= e["ts"] <= last["ts"] + last["dur"]]
+    events = [
+        e
+        for e in trace
+        if e.get("cat") == "Node"
+        and e["name"].endswith("_kernel_time")
+        and last["ts"] <= e["ts"] <= last["ts"] + last["dur"]
+    ]
     custom_node_names = {n.name for n in model.graph.node if reg.lookup(n.domain, n.op_type) is not None}
     prefixes = ("msda/", "rot/")
     total = sum(e["dur"] for e in events)
-    ops = sum(e["dur"] for e in events if any(p in e["name"] for p in prefixes)
-              or e["name"][: -len("_kernel_time")] in custom_node_names)
+    ops = sum(
+        e["dur"]
+        for e in events
+        if any(p in e["name"] for p in prefixes) or e["name"][: -len("_kernel_time")] in custom_node_names
+    )
     return {
         "model": str(exported.onnx_path),
         "custom_nodes": {t: sum(1 for c in calls if c["op"] == t) for t in sorted({c["op"] for c in calls})},
@@ -310,29 +377,43 @@ def _stubbed(execution: onnx.ModelProto) -> onnx.ModelProto:
     for fn in stub.functions:
         del fn.node[:]
         if fn.name.startswith("MultiScaleDeformableAttn"):
-            c = lambda name, v: helper.make_node(  # noqa: E731
-                "Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64, [len(v)], v))
+            c = lambda name, v: helper.make_node(
+                "Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64, [len(v)], v)
+            )
             # the result must still depend on every float input, else onnxruntime drops whatever computes them
             # (the whole backbone feeds only the cross-attention's value)
             fn.node.extend([c("minus1", [-1]), c("i0", [0]), c("i1", [1]), c("i2", [2]), c("i4", [4])])
             firsts = []
             for k in (0, 2, 3, 4):
-                fn.node.extend([helper.make_node("Reshape", [fn.input[k], "minus1"], [f"flat{k}"]),
-                                helper.make_node("Slice", [f"flat{k}", "i0", "i1"], [f"first{k}"])])
+                fn.node.extend(
+                    [
+                        helper.make_node("Reshape", [fn.input[k], "minus1"], [f"flat{k}"]),
+                        helper.make_node("Slice", [f"flat{k}", "i0", "i1"], [f"first{k}"]),
+                    ]
+                )
                 firsts.append(f"first{k}")
-            fn.node.extend([
-                helper.make_node("Sum", firsts, ["s"]),
-                helper.make_node("Mul", ["s", "zero"], ["z"]),
-                helper.make_node("Shape", [fn.input[0]], ["vs"]),
-                helper.make_node("Shape", [fn.input[3]], ["os"]),
-                helper.make_node("Slice", ["vs", "i0", "i1"], ["b"]),
-                helper.make_node("Slice", ["os", "i1", "i2"], ["q"]),
-                helper.make_node("Slice", ["vs", "i2", "i4"], ["md"]),
-                helper.make_node("Concat", ["b", "q", "md"], ["shape"], axis=0),
-                helper.make_node("Expand", ["z", "shape"], [fn.output[0]]),
-            ])
-            fn.node.insert(0, helper.make_node("Constant", [], ["zero"], value=helper.make_tensor(
-                "zero", onnx.TensorProto.FLOAT, [1], [0.0])))
+            fn.node.extend(
+                [
+                    helper.make_node("Sum", firsts, ["s"]),
+                    helper.make_node("Mul", ["s", "zero"], ["z"]),
+                    helper.make_node("Shape", [fn.input[0]], ["vs"]),
+                    helper.make_node("Shape", [fn.input[3]], ["os"]),
+                    helper.make_node("Slice", ["vs", "i0", "i1"], ["b"]),
+                    helper.make_node("Slice", ["os", "i1", "i2"], ["q"]),
+                    helper.make_node("Slice", ["vs", "i2", "i4"], ["md"]),
+                    helper.make_node("Concat", ["b", "q", "md"], ["shape"], axis=0),
+                    helper.make_node("Expand", ["z", "shape"], [fn.output[0]]),
+                ]
+            )
+            fn.node.insert(
+                0,
+                helper.make_node(
+                    "Constant",
+                    [],
+                    ["zero"],
+                    value=helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0]),
+                ),
+            )
         else:
             fn.node.append(helper.make_node("Identity", [fn.input[0]], [fn.output[0]]))
     return stub
@@ -340,7 +421,7 @@ def _stubbed(execution: onnx.ModelProto) -> onnx.ModelProto:
 
 def _active_rows(arrays) -> float:
     """Share of (b, q, m) rows of an MSDA call with at least one sample inside its level."""
-    value, shapes, ref, off, logits = arrays
+    _, shapes, ref, off, logits = arrays
     B, Q, M = off.shape[:3]
     shapes = np.asarray(shapes).reshape(-1, 2)
     L = len(shapes)
@@ -364,28 +445,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
 
-    print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads, {os.cpu_count()} CPUs, "
-          f"{platform.processor() or platform.machine()}; fastest of {args.repeat}", flush=True)
+    print(
+        f"onnxruntime {ort.__version__}, {args.threads} intra-op threads, {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}; fastest of {args.repeat}",
+        flush=True,
+    )
     out = {"ops": bench_ops(args.repeat, args.threads)}
     msda = out["ops"]["msda"]
-    best_alt = {n: min(v for k, v in r.items() if k not in ("calls_per_frame", "function-table@13",
-                                                            "function-table@19") and v is not None)
-                for n, r in msda.items()}
+    best_alt = {
+        n: min(
+            v
+            for k, v in r.items()
+            if k not in ("calls_per_frame", "function-table@13", "function-table@19") and v is not None
+        )
+        for n, r in msda.items()
+    }
     for n, r in msda.items():
-        print(f"  {n}: the shipped table function is {best_alt[n] / r['function-table@13']:.2f}x as fast as the "
-              f"best alternative")
-    print(f"custom ops of one frame on random inputs (worst case): {out['ops']['random_inputs_frame_ms']:.0f} ms "
-          f"(3 TSA + 3 SCA + 6 decoder MSDA + 1 Rotate)")
+        print(
+            f"  {n}: the shipped table function is {best_alt[n] / r['function-table@13']:.2f}x as fast as the "
+            f"best alternative"
+        )
+    print(
+        f"custom ops of one frame on random inputs (worst case): {out['ops']['random_inputs_frame_ms']:.0f} ms "
+        f"(3 TSA + 3 SCA + 6 decoder MSDA + 1 Rotate)"
+    )
     ok = True
     if not args.skip_frame:
         frame = bench_frame(args.repeat, args.threads)
         out["frame"] = frame
-        print(f"BEVFormer-tiny frame ({frame['custom_nodes']}): {frame['frame_ms']:.0f} ms; with the custom ops "
-              f"stubbed out {frame['frame_with_stub_ops_ms']:.0f} ms; its custom nodes re-run on their frame inputs: "
-              f"{frame['custom_ops_in_frame_inputs_ms']:.0f} ms")
-        print(f"custom-op share of a frame: (frame - stubbed frame)/frame {100 * frame['difference_share']:.1f} %, "
-              f"standalone/frame {100 * frame['standalone_share']:.1f} %, profile {100 * frame['profile_share']:.1f} % "
-              f"(floor: at most {100 * SHARE_FLOOR:.0f} %)")
+        print(
+            f"BEVFormer-tiny frame ({frame['custom_nodes']}): {frame['frame_ms']:.0f} ms; with the custom ops "
+            f"stubbed out {frame['frame_with_stub_ops_ms']:.0f} ms; its custom nodes re-run on their frame inputs: "
+            f"{frame['custom_ops_in_frame_inputs_ms']:.0f} ms"
+        )
+        print(
+            f"custom-op share of a frame: (frame - stubbed frame)/frame {100 * frame['difference_share']:.1f} %, "
+            f"standalone/frame {100 * frame['standalone_share']:.1f} %, profile {100 * frame['profile_share']:.1f} % "
+            f"(floor: at most {100 * SHARE_FLOOR:.0f} %)"
+        )
         ok = frame["difference_share"] <= SHARE_FLOOR and frame["standalone_share"] <= SHARE_FLOOR
         print("PASS" if ok else "FAIL")
     if args.json:

@@ -31,7 +31,12 @@ from onnx import TensorProto, helper
 
 from qdqkit.errors import UserError
 
-__all__ = ["ms_deform_attn_function", "rotate_function", "modulated_deform_conv2d_function", "grid_sample2d_function"]
+__all__ = [
+    "grid_sample2d_function",
+    "modulated_deform_conv2d_function",
+    "ms_deform_attn_function",
+    "rotate_function",
+]
 
 FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64
@@ -57,8 +62,9 @@ class _Body:
             out = f"{self.prefix}_{name}_out_{next(self._n)}"
             sub.Identity(result)
             sub.nodes[-1].output[0] = out
-            return helper.make_graph(sub.nodes, f"{self.prefix}_{name}", [],
-                                     [helper.make_value_info(out, onnx.TypeProto())])
+            return helper.make_graph(
+                sub.nodes, f"{self.prefix}_{name}", [], [helper.make_value_info(out, onnx.TypeProto())]
+            )
 
         return sub, graph
 
@@ -70,7 +76,9 @@ class _Body:
             n = next(self._n)
             names = [f"{self.prefix}_{op_type}_{n}_{i}" for i in range(outputs)]
             # node names survive inlining in onnxruntime's profile: they let a profile attribute time to the op
-            self.nodes.append(helper.make_node(op_type, list(inputs), names, name=f"{self.prefix}/{op_type}_{n}", **attrs))
+            self.nodes.append(
+                helper.make_node(op_type, list(inputs), names, name=f"{self.prefix}/{op_type}_{n}", **attrs)
+            )
             return names[0] if outputs == 1 else names
 
         return make
@@ -108,7 +116,9 @@ class _Body:
         return self.CastLike(x, like) if opset >= 15 else self.Identity(x)
 
 
-def _function(name: str, inputs, outputs, body: _Body, opset: int, attributes=(), attribute_protos=()) -> onnx.FunctionProto:
+def _function(
+    name: str, inputs, outputs, body: _Body, opset: int, attributes=(), attribute_protos=()
+) -> onnx.FunctionProto:
     fn = helper.make_function(
         domain="trt.plugins",  # the registry sets the domain and name of the nodes it backs
         fname=name,
@@ -164,7 +174,6 @@ def ms_deform_attn_function(opset: int, sampler: str | None = None) -> onnx.Func
     Hf = b.Unsqueeze(b.to_float(Hs), b.const([1]))  # [L, 1], broadcasts over [.., L, P]
     Wf = b.Unsqueeze(b.to_float(Ws), b.const([1]))
 
-
     off = b.Reshape(offs, b.Concat(B, Q, M, L, P, b.const([2]), axis=0))
     off_x = b.Gather(off, b.const(0), axis=5)  # [B,Q,M,L,P]
     off_y = b.Gather(off, b.const(1), axis=5)
@@ -193,8 +202,13 @@ def ms_deform_attn_function(opset: int, sampler: str | None = None) -> onnx.Func
         raise ValueError(f"unknown MSDA sampler {sampler!r}: use 'table', 'gather' or 'gridsample'")
     b.cast_back(out, "value", opset)
     b.nodes[-1].output[0] = "output"
-    return _function("MultiScaleDeformableAttnTRT", ["value", "spatial_shapes", "reference_points",
-                                                     "sampling_offsets", "attention_weights"], ["output"], b, opset)
+    return _function(
+        "MultiScaleDeformableAttnTRT",
+        ["value", "spatial_shapes", "reference_points", "sampling_offsets", "attention_weights"],
+        ["output"],
+        b,
+        opset,
+    )
 
 
 def _msda_gather(b: _Body, value, x, y, w, B, S, M, D, Q, L, P, Hs, Ws, Hf, Wf) -> str:
@@ -271,8 +285,10 @@ def _msda_corner_table(b: _Body, value, x, y, logits, B, S, M, D, Q, L, P, Hs, W
         for dx in (0, 1):
             yy = b.Add(top, b.const(dy))
             xx = b.Add(left, b.const(dx))
-            inside = b.And(b.And(b.GreaterOrEqual(yy, b.const(0)), b.Less(yy, H3)),
-                           b.And(b.GreaterOrEqual(xx, b.const(0)), b.Less(xx, W3)))
+            inside = b.And(
+                b.And(b.GreaterOrEqual(yy, b.const(0)), b.Less(yy, H3)),
+                b.And(b.GreaterOrEqual(xx, b.const(0)), b.Less(xx, W3)),
+            )
             src = b.Where(inside, b.Add(starts, b.Add(b.Mul(yy, W3), xx)), S)  # [L,Hp,Wp], S = the zero row
             corners.append(b.Unsqueeze(src, b.const([3])))
     src = b.Reshape(b.Concat(*corners, axis=3), b.const([-1]))  # [L*Hp*Wp*4]
@@ -289,15 +305,20 @@ def _msda_corner_table(b: _Body, value, x, y, logits, B, S, M, D, Q, L, P, Hs, W
     r = b.Squeeze(rows, b.const([1]))
     xa = b.Gather(b.Reshape(x, per_row), r, axis=0)  # [n, L*P]
     ya = b.Gather(b.Reshape(y, per_row), r, axis=0)
-    wa = b.Softmax(b.Gather(b.Reshape(logits, per_row), r, axis=0), axis=-1)  # softmax of the active rows only
+    wa = b.Softmax(
+        b.Gather(b.Reshape(logits, per_row), r, axis=0), axis=-1
+    )  # softmax of the active rows only
 
     one = b.const(1.0, FLOAT)
     x0 = b.Floor(xa)
     y0 = b.Floor(ya)
     lx = b.Sub(xa, x0)
     ly = b.Sub(ya, y0)
-    wy = b.Concat(b.Unsqueeze(b.Mul(wa, b.Sub(one, ly)), b.const([2, 3])), b.Unsqueeze(b.Mul(wa, ly), b.const([2, 3])),
-                  axis=2)  # [n, L*P, 2, 1]
+    wy = b.Concat(
+        b.Unsqueeze(b.Mul(wa, b.Sub(one, ly)), b.const([2, 3])),
+        b.Unsqueeze(b.Mul(wa, ly), b.const([2, 3])),
+        axis=2,
+    )  # [n, L*P, 2, 1]
     wx = b.Concat(b.Unsqueeze(b.Sub(one, lx), b.const([2, 3])), b.Unsqueeze(lx, b.const([2, 3])), axis=3)
     n = b.Shape(r)  # explicit sizes below: a reshape with -1 is ambiguous when no row is active (n = 0)
     LP4 = b.Mul(LP, b.const([4]))
@@ -307,8 +328,9 @@ def _msda_corner_table(b: _Body, value, x, y, logits, B, S, M, D, Q, L, P, Hs, W
     LPshape = b.Concat(L, P, axis=0)
     Wcol = b.Reshape(b.Expand(Wf, LPshape), b.const([-1]))
     Hcol = b.Reshape(b.Expand(Hf, LPshape), b.const([-1]))
-    lcol = b.Reshape(b.Expand(b.Unsqueeze(b.Range(b.const(0), b.scalar(L), one_i), b.const([1])), LPshape),
-                     b.const([-1]))
+    lcol = b.Reshape(
+        b.Expand(b.Unsqueeze(b.Range(b.const(0), b.scalar(L), one_i), b.const([1])), LPshape), b.const([-1])
+    )
     m2 = b.const(-2.0, FLOAT)
     Wpf = b.to_float(Wp)
     shift = b.Add(b.Mul(Wpf, b.const(2.0, FLOAT)), b.const(2.0, FLOAT))
@@ -389,8 +411,7 @@ def rotate_function(opset: int) -> onnx.FunctionProto:
     Hh = b.Div(Hf, b.const(2.0, FLOAT))
     Wh = b.Div(Wf, b.const(2.0, FLOAT))
 
-    theta = b.Mul(b.Reshape(b.to_float("angle"), b.const([1])),
-                  b.const(-3.141592653589793 / 180.0, FLOAT))
+    theta = b.Mul(b.Reshape(b.to_float("angle"), b.const([1])), b.const(-3.141592653589793 / 180.0, FLOAT))
     cos = b.Cos(theta)
     sin = b.Sin(theta)
     center = b.to_float("center")
@@ -415,8 +436,10 @@ def rotate_function(opset: int) -> onnx.FunctionProto:
 
     def pick(g: _Body, yc, xc):
         """Pixels at integer-valued float coordinates, zero outside: [C, H*W]."""
-        valid = g.And(g.And(g.GreaterOrEqual(xc, zero), g.LessOrEqual(xc, Wm1)),
-                      g.And(g.GreaterOrEqual(yc, zero), g.LessOrEqual(yc, Hm1)))
+        valid = g.And(
+            g.And(g.GreaterOrEqual(xc, zero), g.LessOrEqual(xc, Wm1)),
+            g.And(g.GreaterOrEqual(yc, zero), g.LessOrEqual(yc, Hm1)),
+        )
         xi = g.Cast(g.Max(g.Min(xc, Wm1), zero), to=INT64)
         yi = g.Cast(g.Max(g.Min(yc, Hm1), zero), to=INT64)
         idx = g.Reshape(g.Add(g.Mul(yi, Wi), xi), g.const([-1]))
@@ -449,7 +472,9 @@ def rotate_function(opset: int) -> onnx.FunctionProto:
     b.cast_back(out, "img", opset)
     b.nodes[-1].output[0] = "output"
     default = helper.make_attribute("interpolation", 1)
-    return _function("RotateTRT", ["img", "angle", "center"], ["output"], b, opset, attribute_protos=[default])
+    return _function(
+        "RotateTRT", ["img", "angle", "center"], ["output"], b, opset, attribute_protos=[default]
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -485,15 +510,19 @@ def modulated_deform_conv2d_function(opset: int) -> onnx.FunctionProto:
     one = b.const(1.0, FLOAT)
     zero = b.const(0.0, FLOAT)
     f = b.to_float
-    r = lambda n: f(b.Range(b.const(0), b.scalar(n), b.const(1)))  # noqa: E731
+    r = lambda n: f(b.Range(b.const(0), b.scalar(n), b.const(1)))
     sh, sw = b.Gather(stride, b.const(0)), b.Gather(stride, b.const(1))
     ph, pw = b.Gather(padding, b.const(0)), b.Gather(padding, b.const(1))
     dh, dw = b.Gather(dilation, b.const(0)), b.Gather(dilation, b.const(1))
     # tap k = i*kw + j has row offset i*dh and column offset j*dw
-    ki = b.Reshape(b.Mul(b.Expand(b.Unsqueeze(r(KH), b.const([1])), b.Concat(KH, KW, axis=0)), dh),
-                   b.const([1, 1, -1, 1, 1]))
-    kj = b.Reshape(b.Mul(b.Expand(b.Unsqueeze(r(KW), b.const([0])), b.Concat(KH, KW, axis=0)), dw),
-                   b.const([1, 1, -1, 1, 1]))
+    ki = b.Reshape(
+        b.Mul(b.Expand(b.Unsqueeze(r(KH), b.const([1])), b.Concat(KH, KW, axis=0)), dh),
+        b.const([1, 1, -1, 1, 1]),
+    )
+    kj = b.Reshape(
+        b.Mul(b.Expand(b.Unsqueeze(r(KW), b.const([0])), b.Concat(KH, KW, axis=0)), dw),
+        b.const([1, 1, -1, 1, 1]),
+    )
     base_y = b.Reshape(b.Sub(b.Mul(r(Ho), sh), ph), b.const([1, 1, 1, -1, 1]))
     base_x = b.Reshape(b.Sub(b.Mul(r(Wo), sw), pw), b.const([1, 1, 1, 1, -1]))
     off = b.Reshape(offset, b.Concat(N, dgroups, K, b.const([2]), Ho, Wo, axis=0))
@@ -507,8 +536,10 @@ def modulated_deform_conv2d_function(opset: int) -> onnx.FunctionProto:
     lx, ly = b.Sub(px, x0), b.Sub(py, y0)
 
     # rows of x in [N*dg*H*W, cpd] order: row of (n, g, s) = (n*dg + g)*H*W + s
-    rows = b.Reshape(b.Transpose(b.Reshape(x, b.Concat(N, dgroups, cpd, b.const([-1]), axis=0)), perm=[0, 1, 3, 2]),
-                     b.Concat(b.const([-1]), cpd, axis=0))
+    rows = b.Reshape(
+        b.Transpose(b.Reshape(x, b.Concat(N, dgroups, cpd, b.const([-1]), axis=0)), perm=[0, 1, 3, 2]),
+        b.Concat(b.const([-1]), cpd, axis=0),
+    )
     HW = b.Mul(H, W)
     n_idx = b.Reshape(b.Range(b.const(0), b.scalar(N), b.const(1)), b.const([-1, 1, 1, 1, 1]))
     g_idx = b.Reshape(b.Range(b.const(0), b.scalar(dgroups), b.const(1)), b.const([1, -1, 1, 1, 1]))
@@ -519,8 +550,10 @@ def modulated_deform_conv2d_function(opset: int) -> onnx.FunctionProto:
     for dy, wy in ((zero, b.Sub(one, ly)), (one, ly)):
         for dx, wx in ((zero, b.Sub(one, lx)), (one, lx)):
             cy, cx = b.Add(y0, dy), b.Add(x0, dx)
-            valid = b.And(b.And(b.GreaterOrEqual(cx, zero), b.LessOrEqual(cx, Wm1)),
-                          b.And(b.GreaterOrEqual(cy, zero), b.LessOrEqual(cy, Hm1)))
+            valid = b.And(
+                b.And(b.GreaterOrEqual(cx, zero), b.LessOrEqual(cx, Wm1)),
+                b.And(b.GreaterOrEqual(cy, zero), b.LessOrEqual(cy, Hm1)),
+            )
             xi = b.Cast(b.Max(b.Min(cx, Wm1), zero), to=INT64)
             yi = b.Cast(b.Max(b.Min(cy, Hm1), zero), to=INT64)
             idx = b.Add(base, b.Add(b.Mul(yi, Wi), xi))  # [N,dg,K,Ho,Wo]
@@ -534,11 +567,21 @@ def modulated_deform_conv2d_function(opset: int) -> onnx.FunctionProto:
     out = b.Add(out, b.Reshape(bias, b.const([1, -1, 1, 1])))
     b.cast_back(out, "input", opset)
     b.nodes[-1].output[0] = "output"
-    defaults = [helper.make_attribute("stride", [1, 1]), helper.make_attribute("padding", [0, 0]),
-                helper.make_attribute("dilation", [1, 1]), helper.make_attribute("groups", 1),
-                helper.make_attribute("deform_groups", 1)]
-    return _function("ModulatedDeformableConv2dTRT", ["input", "offset", "mask", "weight", "bias"], ["output"], b,
-                     opset, attribute_protos=defaults)
+    defaults = [
+        helper.make_attribute("stride", [1, 1]),
+        helper.make_attribute("padding", [0, 0]),
+        helper.make_attribute("dilation", [1, 1]),
+        helper.make_attribute("groups", 1),
+        helper.make_attribute("deform_groups", 1),
+    ]
+    return _function(
+        "ModulatedDeformableConv2dTRT",
+        ["input", "offset", "mask", "weight", "bias"],
+        ["output"],
+        b,
+        opset,
+        attribute_protos=defaults,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -565,8 +608,12 @@ def grid_sample2d_function(opset: int) -> onnx.FunctionProto:
 
     def leaf(mode: str, padding: str, ac: int) -> onnx.GraphProto:
         out = f"gs_leaf_{mode}_{padding}_{ac}"
-        node = helper.make_node("GridSample", [x, grid], [out], mode=mode, padding_mode=padding, align_corners=ac)
-        return helper.make_graph([node], f"g_{mode}_{padding}_{ac}", [], [helper.make_value_info(out, onnx.TypeProto())])
+        node = helper.make_node(
+            "GridSample", [x, grid], [out], mode=mode, padding_mode=padding, align_corners=ac
+        )
+        return helper.make_graph(
+            [node], f"g_{mode}_{padding}_{ac}", [], [helper.make_value_info(out, onnx.TypeProto())]
+        )
 
     def choose(selector: str, options, make_branch, depth_name: str) -> onnx.GraphProto | str:
         """Nested If over the options of one attribute; returns the output name."""
@@ -575,8 +622,12 @@ def grid_sample2d_function(opset: int) -> onnx.FunctionProto:
         for i, opt in reversed(list(enumerate(rest))):
             cond = b.Equal(selector, b.const(i))
             name = f"gs_{depth_name}_{i}_{len(b.nodes)}"
-            node = helper.make_node("If", [cond], [name], then_branch=make_branch(opt), else_branch=result_graph)
-            result_graph = helper.make_graph([node], f"{name}_g", [], [helper.make_value_info(name, onnx.TypeProto())])
+            node = helper.make_node(
+                "If", [cond], [name], then_branch=make_branch(opt), else_branch=result_graph
+            )
+            result_graph = helper.make_graph(
+                [node], f"{name}_g", [], [helper.make_value_info(name, onnx.TypeProto())]
+            )
         return result_graph
 
     def by_align(mode, padding):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ms_deform_attn", "rotate", "modulated_deform_conv2d", "grid_sample2d", "softmax"]
+__all__ = ["grid_sample2d", "modulated_deform_conv2d", "ms_deform_attn", "rotate", "softmax"]
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -114,7 +114,7 @@ def rotate(img: np.ndarray, angle, center, interpolation: int = 1) -> np.ndarray
     fp32 kernel) or 0 outside the image; 0 (bilinear) interpolates with zero padding.
     """
     img = np.asarray(img, dtype=np.float64)
-    C, H, W = img.shape
+    _, H, W = img.shape
     theta = -float(np.asarray(angle, dtype=np.float64)) * np.pi / 180.0
     cx, cy = (float(c) for c in np.asarray(center, dtype=np.float64).reshape(2))
     cxp = cx - W / 2.0
@@ -193,7 +193,9 @@ def modulated_deform_conv2d(
                     py = base_y + i * dh + offset[n, dg, k, 0]
                     px = base_x + j * dw + offset[n, dg, k, 1]
                     inside = (py > -1) & (px > -1) & (py < H) & (px < W)
-                    sample = _bilinear_gather((H, W), px, py, lambda yy, xx: hwc[yy, xx])  # [Ho, Wo, cpd]
+                    sample = _bilinear_gather(
+                        (H, W), px, py, lambda yy, xx, hwc=hwc: hwc[yy, xx]
+                    )  # [Ho, Wo, cpd]
                     sample *= (mask[n, dg, k] * inside)[..., None]
                     columns[n, dg * cpd : (dg + 1) * cpd, k] = np.moveaxis(sample, -1, 0)
 
@@ -247,7 +249,7 @@ def grid_sample2d(
     """
     x = np.asarray(x, dtype=np.float64)
     g = np.asarray(grid, dtype=np.float64) / 10.0
-    N, C, H, W = x.shape
+    N, _, H, W = x.shape
     gx, gy = g[:, 0], g[:, 1]  # [N, Ho, Wo]
     if align_corners:
         ix = (gx + 1) / 2 * (W - 1)

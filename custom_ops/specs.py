@@ -49,8 +49,10 @@ def infer_modulated_deform_conv2d(inputs: list[TensorInfo | None], attrs: dict[s
         size, k = _dim(x, 2 + axis), _dim(weight, 2 + axis)
         known = (ho, wo)[axis]
         if not isinstance(known, int) and isinstance(size, int) and isinstance(k, int):
-            s, p, d = (list(attrs.get(n) or default)[axis] for n, default in
-                       (("stride", (1, 1)), ("padding", (0, 0)), ("dilation", (1, 1))))
+            s, p, d = (
+                list(attrs.get(n) or default)[axis]
+                for n, default in (("stride", (1, 1)), ("padding", (0, 0)), ("dilation", (1, 1)))
+            )
             computed = (size + 2 * p - d * (k - 1) - 1) // s + 1
             ho, wo = (computed, wo) if axis == 0 else (ho, computed)
     return [TensorInfo(_elem(x), (_dim(x, 0), _dim(weight, 0), ho, wo))]
@@ -110,8 +112,12 @@ def _rotate_spec(op_type: str) -> CustomOpSpec:
         trt=TrtPlugin(
             name=op_type,
             # int8 img in kCHW4; TRT2 takes fp16 in kCHW2 (TensorRT reformats around it)
-            formats={"img": ("fp32", "fp16", "int8"), "angle": ("fp32", "fp16"), "center": ("fp32", "fp16"),
-                     "output": ("fp32", "fp16", "int8")},
+            formats={
+                "img": ("fp32", "fp16", "int8"),
+                "angle": ("fp32", "fp16"),
+                "center": ("fp32", "fp16"),
+                "output": ("fp32", "fp16", "int8"),
+            },
         ),
         doc="Rotate an image about a centre (torchvision.rotate semantics, zero fill).",
     )
@@ -142,8 +148,14 @@ def _dcn_spec(op_type: str) -> CustomOpSpec:
         trt=TrtPlugin(
             name=op_type,
             # int8 input (kCHW4) needs C % 4 == 0 and Cout/groups % 4 == 0; bias then stays fp32/fp16
-            formats={"input": same, "offset": same, "mask": same, "weight": same, "bias": ("fp32", "fp16"),
-                     "output": same},
+            formats={
+                "input": same,
+                "offset": same,
+                "mask": same,
+                "weight": same,
+                "bias": ("fp32", "fp16"),
+                "output": same,
+            },
         ),
         doc="Modulated deformable convolution (DCNv2, mmcv semantics). The CPU function needs the bias input.",
     )
@@ -167,8 +179,11 @@ def _grid_sampler_spec(op_type: str) -> CustomOpSpec:
         function=functions.grid_sample2d_function,
         trt=TrtPlugin(
             name=op_type,
-            formats={"input": ("fp32", "fp16", "int8"), "grid": ("fp32", "fp16", "int8"),
-                     "output": ("fp32", "fp16", "int8")},
+            formats={
+                "input": ("fp32", "fp16", "int8"),
+                "grid": ("fp32", "fp16", "int8"),
+                "output": ("fp32", "fp16", "int8"),
+            },
         ),
         doc="grid_sample with the plugin's grid layout. The CPU function needs opset >= 16.",
     )

@@ -17,22 +17,22 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "ms_deform_attn",
-    "rotate",
-    "modulated_deform_conv2d",
-    "grid_sample2d",
-    "ms_deform_attn_torch",
-    "rotate_torch",
-    "modulated_deform_conv2d_torch",
-    "grid_sample2d_torch",
+    "GridSampler2DFunction",
+    "GridSampler2DFunction2",
+    "ModulatedDeformConv2dFunction",
+    "ModulatedDeformConv2dFunction2",
     "MultiScaleDeformableAttnFunction",
     "MultiScaleDeformableAttnFunction2",
     "RotateFunction",
     "RotateFunction2",
-    "ModulatedDeformConv2dFunction",
-    "ModulatedDeformConv2dFunction2",
-    "GridSampler2DFunction",
-    "GridSampler2DFunction2",
+    "grid_sample2d",
+    "grid_sample2d_torch",
+    "modulated_deform_conv2d",
+    "modulated_deform_conv2d_torch",
+    "ms_deform_attn",
+    "ms_deform_attn_torch",
+    "rotate",
+    "rotate_torch",
 ]
 
 
@@ -104,7 +104,9 @@ def _rotate_source(
     return xs + W / 2.0 - 0.5, ys + H / 2.0 - 0.5
 
 
-def rotate_torch(img: torch.Tensor, angle: torch.Tensor, center: torch.Tensor, interpolation: int = 1) -> torch.Tensor:
+def rotate_torch(
+    img: torch.Tensor, angle: torch.Tensor, center: torch.Tensor, interpolation: int = 1
+) -> torch.Tensor:
     """Rotate maths (see ``reference.rotate``): nearest rounds halves away from zero as the fp32 plugin kernel."""
     out_dtype = img.dtype
     dt = _compute_dtype(img)
@@ -156,12 +158,18 @@ def modulated_deform_conv2d_torch(
     kj = torch.arange(kw, device=x.device, dtype=dt).repeat(kh) * dw
     base_y = torch.arange(Ho, device=x.device, dtype=dt) * sh - ph
     base_x = torch.arange(Wo, device=x.device, dtype=dt) * sw - pw
-    py = base_y[None, None, None, :, None] + ki[None, None, :, None, None] + off[:, :, :, 0]  # [N, dg, K, Ho, Wo]
+    py = (
+        base_y[None, None, None, :, None] + ki[None, None, :, None, None] + off[:, :, :, 0]
+    )  # [N, dg, K, Ho, Wo]
     px = base_x[None, None, None, None, :] + kj[None, None, :, None, None] + off[:, :, :, 1]
     grid = torch.stack(((2 * px + 1) / W - 1, (2 * py + 1) / H - 1), dim=-1)
     grid = grid.reshape(N * deform_groups, K * Ho, Wo, 2)
     sampled = F.grid_sample(
-        x.reshape(N * deform_groups, cpd, H, W), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        x.reshape(N * deform_groups, cpd, H, W),
+        grid,
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
     ).reshape(N, deform_groups, cpd, K, Ho, Wo)
     cols = (sampled * msk[:, :, None]).reshape(N, groups, Cg * K, Ho * Wo)
     wmat = weight.to(dt).reshape(groups, Cout // groups, Cg * K)
@@ -172,13 +180,19 @@ def modulated_deform_conv2d_torch(
 
 
 def grid_sample2d_torch(
-    x: torch.Tensor, grid: torch.Tensor, interpolation_mode: int = 0, padding_mode: int = 0, align_corners: int = 0
+    x: torch.Tensor,
+    grid: torch.Tensor,
+    interpolation_mode: int = 0,
+    padding_mode: int = 0,
+    align_corners: int = 0,
 ) -> torch.Tensor:
     """GridSampler2D maths: the plugin's grid is [N,2,Hout,Wout] scaled by 10."""
     out_dtype = x.dtype
     dt = _compute_dtype(x)
     g = (grid.to(dt) / 10.0).permute(0, 2, 3, 1)
-    out = torch.ops.aten.grid_sampler(x.to(dt), g, int(interpolation_mode), int(padding_mode), bool(align_corners))
+    out = torch.ops.aten.grid_sampler(
+        x.to(dt), g, int(interpolation_mode), int(padding_mode), bool(align_corners)
+    )
     return out.to(out_dtype)
 
 
@@ -230,7 +244,10 @@ def _typed(out, like, sizes):
 def _recompute_backward(ctx, grads, fn, n_tensor_args):
     """Gradients by re-running the plain-PyTorch forward under autograd (saves writing backward kernels)."""
     saved = ctx.saved_tensors
-    args = [t.detach().requires_grad_(t.is_floating_point() and ctx.needs_input_grad[i]) for i, t in enumerate(saved)]
+    args = [
+        t.detach().requires_grad_(t.is_floating_point() and ctx.needs_input_grad[i])
+        for i, t in enumerate(saved)
+    ]
     with torch.enable_grad():
         out = fn(*args, *ctx.extra)
     wanted = [a for a in args if a.requires_grad]
@@ -251,7 +268,9 @@ class MultiScaleDeformableAttnFunction(torch.autograd.Function):
         ctx.extra = ()
         args = (value, spatial_shapes, reference_points, sampling_offsets, attention_weights)
         # spatial_shapes is usually a host constant; the CUDA wrapper uploads it once, so it does not gate the kernel
-        kernel = _cuda_kernel("ms_deform_attn", (value, reference_points, sampling_offsets, attention_weights))
+        kernel = _cuda_kernel(
+            "ms_deform_attn", (value, reference_points, sampling_offsets, attention_weights)
+        )
         return kernel(*args) if kernel is not None else ms_deform_attn_torch(*args)
 
     @staticmethod
@@ -344,6 +363,7 @@ class ModulatedDeformConv2dFunction(torch.autograd.Function):
         if ctx.has_bias:
             grads = _recompute_backward(ctx, (grad,), modulated_deform_conv2d_torch, 5)
         else:
+
             def no_bias(x, offset, mask, weight, *extra):
                 return modulated_deform_conv2d_torch(x, offset, mask, weight, None, *extra)
 
@@ -445,7 +465,9 @@ def _variant(variant: int, v1, v2):
     raise ValueError(f"variant must be 1 (…TRT) or 2 (…TRT2), got {variant}")
 
 
-def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, attention_weights, variant: int = 2):
+def ms_deform_attn(
+    value, spatial_shapes, reference_points, sampling_offsets, attention_weights, variant: int = 2
+):
     """Multi-scale deformable attention; exports as ``MultiScaleDeformableAttnTRT2`` (variant 2) or ``…TRT`` (1)."""
     fn = _variant(variant, MultiScaleDeformableAttnFunction, MultiScaleDeformableAttnFunction2)
     return fn.apply(value, spatial_shapes, reference_points, sampling_offsets, attention_weights)
@@ -465,14 +487,26 @@ def rotate(img, angle, center, interpolation: int = 1, variant: int = 2):
 
 
 def modulated_deform_conv2d(
-    x, offset, mask, weight, bias, stride=1, padding=1, dilation=1, groups=1, deform_groups=1, variant: int = 2
+    x,
+    offset,
+    mask,
+    weight,
+    bias,
+    stride=1,
+    padding=1,
+    dilation=1,
+    groups=1,
+    deform_groups=1,
+    variant: int = 2,
 ):
     """DCNv2; exports as ``ModulatedDeformableConv2dTRT2`` (variant 2) or ``ModulatedDeformableConv2dTRT``."""
     fn = _variant(variant, ModulatedDeformConv2dFunction, ModulatedDeformConv2dFunction2)
     return fn.apply(x, offset, mask, weight, bias, stride, padding, dilation, int(groups), int(deform_groups))
 
 
-def grid_sample2d(x, grid, interpolation_mode: int = 0, padding_mode: int = 0, align_corners: int = 0, variant: int = 2):
+def grid_sample2d(
+    x, grid, interpolation_mode: int = 0, padding_mode: int = 0, align_corners: int = 0, variant: int = 2
+):
     """grid_sample with the plugin layout (grid [N,2,Ho,Wo], x10); exports as ``GridSampler2DTRT2`` / ``…TRT``."""
     fn = _variant(variant, GridSampler2DFunction, GridSampler2DFunction2)
     return fn.apply(x, grid, int(interpolation_mode), int(padding_mode), int(align_corners))

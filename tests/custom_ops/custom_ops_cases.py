@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
+from qdqkit.custom_ops import plugin
 
 from qdqkit.customops import CustomOpRegistry
-from qdqkit.custom_ops import plugin
 
 # BEVFormer-tiny's 12 MSDA calls (bevformer-tiny.md §4.2): name -> (B, spatial_shapes, Q, M, D, G, P)
 BEVFORMER_TINY_MSDA = {
@@ -47,17 +47,24 @@ def msda_inputs(case, seed: int = 0, spread: float = 0.15, dtype=np.float32):
     return [value.astype(dtype), shapes, ref.astype(dtype), offsets.astype(dtype), weights.astype(dtype)]
 
 
-def one_node_model(op_type: str, inputs: list[np.ndarray], attrs: dict, opset: int, domain: str = "") -> onnx.ModelProto:
+def one_node_model(
+    op_type: str, inputs: list[np.ndarray], attrs: dict, opset: int, domain: str = ""
+) -> onnx.ModelProto:
     """A model of a single custom node with typed, shaped inputs and an output of unknown dimensions."""
     names = [f"in{i}" for i in range(len(inputs))]
     node = helper.make_node(op_type, names, ["out"], domain=domain, **attrs)
     graph = helper.make_graph(
         [node],
         op_type,
-        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
-         for n, a in zip(names, inputs)],
-        [helper.make_tensor_value_info("out", helper.np_dtype_to_tensor_dtype(inputs[0].dtype),
-                                        [None] * inputs[0].ndim)],  # every op keeps input 0's rank
+        [
+            helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+            for n, a in zip(names, inputs)
+        ],
+        [
+            helper.make_tensor_value_info(
+                "out", helper.np_dtype_to_tensor_dtype(inputs[0].dtype), [None] * inputs[0].ndim
+            )
+        ],  # every op keeps input 0's rank
     )
     imports = [helper.make_opsetid("", opset)]
     if domain:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from custom_ops_cases import BEVFORMER_TINY_MSDA, ODD_MSDA, msda_inputs, one_node_model, registry, run_cpu
+from qdqkit.custom_ops import functions
+from qdqkit.custom_ops import reference as R
 from test_ops_reference import DCN_CASES, dcn_inputs
-
-from qdqkit.custom_ops import functions, reference as R
 
 ATOL = RTOL = 2e-5
 OPSETS = list(range(13, 22))
@@ -27,7 +27,9 @@ def assert_close(got, want, atol=ATOL, rtol=RTOL):
     np.testing.assert_allclose(got.astype(np.float64), want, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("name,opset", [("tsa", 13), ("tsa", 19), ("sca", 13), ("decoder", 13), ("decoder", 19)])
+@pytest.mark.parametrize(
+    "name,opset", [("tsa", 13), ("tsa", 19), ("sca", 13), ("decoder", 13), ("decoder", 19)]
+)
 def test_msda_bevformer_tiny_shapes(reg, name, opset):
     inputs = msda_inputs(BEVFORMER_TINY_MSDA[name], seed=opset)
     model = one_node_model("MultiScaleDeformableAttnTRT2", inputs, {}, opset)
@@ -37,7 +39,9 @@ def test_msda_bevformer_tiny_shapes(reg, name, opset):
 
 
 @pytest.mark.parametrize("name", list(ODD_MSDA))
-@pytest.mark.parametrize("opset,domain", [(o, "") for o in OPSETS] + [(13, "trt.plugins"), (19, "trt.plugins")])
+@pytest.mark.parametrize(
+    "opset,domain", [(o, "") for o in OPSETS] + [(13, "trt.plugins"), (19, "trt.plugins")]
+)
 def test_msda_odd_sizes_every_opset(reg, name, opset, domain):
     inputs = msda_inputs(ODD_MSDA[name], seed=opset, spread=0.4)
     model = one_node_model("MultiScaleDeformableAttnTRT", inputs, {}, opset, domain)
@@ -45,7 +49,9 @@ def test_msda_odd_sizes_every_opset(reg, name, opset, domain):
 
 
 @pytest.mark.parametrize("name", list(ODD_MSDA) + ["decoder"])
-@pytest.mark.parametrize("sampler,opset", [("gather", 13), ("gather", 20), ("gridsample", 17), ("gridsample", 21)])
+@pytest.mark.parametrize(
+    "sampler,opset", [("gather", 13), ("gather", 20), ("gridsample", 17), ("gridsample", 21)]
+)
 def test_msda_alternative_formulations_are_exact_too(name, sampler, opset):
     """The alternatives kept for the benchmark compute the same maths as the shipped table form."""
     import onnxruntime as ort
@@ -160,7 +166,7 @@ def test_grid_sampler(reg, opset, mode, padding_mode, align_corners):
     rng = np.random.default_rng(opset + mode * 7 + padding_mode * 3 + align_corners)
     x = rng.standard_normal((2, 3, 5, 6)).astype(np.float32)
     grid = rng.uniform(-13, 13, (2, 2, 4, 7)).astype(np.float32)
-    attrs = dict(interpolation_mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+    attrs = {"interpolation_mode": mode, "padding_mode": padding_mode, "align_corners": align_corners}
     got = run_cpu(reg, one_node_model("GridSampler2DTRT", [x, grid], attrs, opset), [x, grid])
     assert_close(got, R.grid_sample2d(x, grid, mode, padding_mode, align_corners), atol=1e-4)
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from custom_ops_cases import BEVFORMER_TINY_MSDA, ODD_MSDA, msda_inputs
-
 from qdqkit.custom_ops import reference as R
 
 
@@ -37,14 +36,18 @@ def msda_by_grid_sample(value, spatial_shapes, ref, offsets, logits):
     return out.permute(0, 3, 1, 2).numpy()
 
 
-@pytest.mark.parametrize("case", list(ODD_MSDA.values()) + [BEVFORMER_TINY_MSDA["decoder"]],
-                         ids=list(ODD_MSDA) + ["decoder"])
+@pytest.mark.parametrize(
+    "case", list(ODD_MSDA.values()) + [BEVFORMER_TINY_MSDA["decoder"]], ids=list(ODD_MSDA) + ["decoder"]
+)
 @pytest.mark.parametrize("seed", [1, 2])
 def test_msda_matches_grid_sample_formulation(case, seed):
     inputs = msda_inputs(case, seed=seed, spread=0.3, dtype=np.float64)
     got = R.ms_deform_attn(*inputs)
     np.testing.assert_allclose(got, msda_by_grid_sample(*inputs), atol=1e-12, rtol=0)
-    assert got.dtype == np.float64 and got.shape == inputs[0].shape[:1] + inputs[3].shape[1:3] + inputs[0].shape[3:]
+    assert (
+        got.dtype == np.float64
+        and got.shape == inputs[0].shape[:1] + inputs[3].shape[1:3] + inputs[0].shape[3:]
+    )
 
 
 def test_msda_border_positions():
@@ -63,7 +66,9 @@ def test_msda_border_positions():
     img = value.reshape(H, W)
     by_pos = dict(zip(pts, got.reshape(-1)))
     assert by_pos[(-1.0, 0.0)] == 0 and by_pos[(float(W), 0.0)] == 0 and by_pos[(0.0, float(H))] == 0
-    assert by_pos[(0.0, 0.0)] == img[0, 0] and by_pos[(W - 1.0, 1.25)] == pytest.approx(0.75 * img[1, -1] + 0.25 * img[2, -1])
+    assert by_pos[(0.0, 0.0)] == img[0, 0] and by_pos[(W - 1.0, 1.25)] == pytest.approx(
+        0.75 * img[1, -1] + 0.25 * img[2, -1]
+    )
     assert by_pos[(-0.5, 0.0)] == pytest.approx(0.5 * img[0, 0])
 
 
@@ -78,7 +83,7 @@ def test_msda_softmax_counts_out_of_bounds_points():
 
 def rotate_by_matrices(img, angle, center, interpolation):
     """Rotation about a centre as T(c) R T(-c) acting on pixel centres (w + 0.5, h + 0.5), sampled per pixel."""
-    C, H, W = img.shape
+    _, H, W = img.shape
     t = math.radians(angle)
     # counter-clockwise on screen (y down) maps the output pixel back through a rotation by +angle in (x, -y)
     rot = np.array([[math.cos(t), -math.sin(t), 0], [math.sin(t), math.cos(t), 0], [0, 0, 1]])
@@ -93,7 +98,7 @@ def rotate_by_matrices(img, angle, center, interpolation):
             sx, sy, _ = inverse @ np.array([w + 0.5, h + 0.5, 1.0])
             fx, fy = sx - 0.5, sy - 0.5
             if interpolation == 1:
-                ix, iy = int(math.floor(fx + 0.5)), int(math.floor(fy + 0.5))
+                ix, iy = math.floor(fx + 0.5), math.floor(fy + 0.5)
                 if 0 <= ix < W and 0 <= iy < H:
                     out[:, h, w] = img[:, iy, ix]
             else:
@@ -174,15 +179,52 @@ def dcn_by_im2col(x, offset, mask, weight, bias, stride, padding, dilation, grou
         opg = Cout // groups
         for grp in range(groups):
             wm = weight[grp * opg : (grp + 1) * opg].reshape(opg, Cg * K)
-            out[n, grp * opg : (grp + 1) * opg] = (wm @ cols[grp * Cg * K : (grp + 1) * Cg * K]).reshape(opg, Ho, Wo)
+            out[n, grp * opg : (grp + 1) * opg] = (wm @ cols[grp * Cg * K : (grp + 1) * Cg * K]).reshape(
+                opg, Ho, Wo
+            )
     return out + bias.reshape(1, -1, 1, 1)
 
 
 DCN_CASES = {
-    "3x3-s1-p1": dict(N=1, C=4, H=6, W=7, Cout=3, k=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, dg=1),
-    "s2-d2-g2-dg2": dict(N=2, C=4, H=7, W=6, Cout=6, k=(3, 3), stride=(2, 2), padding=(2, 2), dilation=(2, 2),
-                         groups=2, dg=2),
-    "odd-1x3": dict(N=1, C=3, H=5, W=5, Cout=2, k=(1, 3), stride=(1, 2), padding=(0, 1), dilation=(1, 1), groups=1, dg=3),
+    "3x3-s1-p1": {
+        "N": 1,
+        "C": 4,
+        "H": 6,
+        "W": 7,
+        "Cout": 3,
+        "k": (3, 3),
+        "stride": (1, 1),
+        "padding": (1, 1),
+        "dilation": (1, 1),
+        "groups": 1,
+        "dg": 1,
+    },
+    "s2-d2-g2-dg2": {
+        "N": 2,
+        "C": 4,
+        "H": 7,
+        "W": 6,
+        "Cout": 6,
+        "k": (3, 3),
+        "stride": (2, 2),
+        "padding": (2, 2),
+        "dilation": (2, 2),
+        "groups": 2,
+        "dg": 2,
+    },
+    "odd-1x3": {
+        "N": 1,
+        "C": 3,
+        "H": 5,
+        "W": 5,
+        "Cout": 2,
+        "k": (1, 3),
+        "stride": (1, 2),
+        "padding": (0, 1),
+        "dilation": (1, 1),
+        "groups": 1,
+        "dg": 3,
+    },
 }
 
 
@@ -197,8 +239,13 @@ def dcn_inputs(cfg, seed=0, dtype=np.float64):
     mask = rng.uniform(0, 1, (cfg["N"], cfg["dg"] * K, Ho, Wo))
     weight = rng.standard_normal((cfg["Cout"], cfg["C"] // cfg["groups"], kh, kw))
     bias = rng.standard_normal(cfg["Cout"])
-    attrs = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=cfg["groups"],
-                 deform_groups=cfg["dg"])
+    attrs = {
+        "stride": cfg["stride"],
+        "padding": cfg["padding"],
+        "dilation": cfg["dilation"],
+        "groups": cfg["groups"],
+        "deform_groups": cfg["dg"],
+    }
     return [a.astype(dtype) for a in (x, offset, mask, weight, bias)], attrs
 
 
@@ -207,7 +254,9 @@ def test_dcn_matches_im2col(name):
     cfg = DCN_CASES[name]
     arrays, attrs = dcn_inputs(cfg, seed=3)
     got = R.modulated_deform_conv2d(*arrays, **attrs)
-    want = dcn_by_im2col(*arrays, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"], cfg["dg"])
+    want = dcn_by_im2col(
+        *arrays, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"], cfg["dg"]
+    )
     np.testing.assert_allclose(got, want, atol=1e-10)
 
 
@@ -215,8 +264,15 @@ def test_dcn_without_offsets_is_conv2d():
     cfg = DCN_CASES["s2-d2-g2-dg2"]
     (x, offset, mask, weight, bias), attrs = dcn_inputs(cfg, seed=4)
     got = R.modulated_deform_conv2d(x, np.zeros_like(offset), np.ones_like(mask), weight, bias, **attrs)
-    want = F.conv2d(torch.tensor(x), torch.tensor(weight), torch.tensor(bias), stride=attrs["stride"],
-                    padding=attrs["padding"], dilation=attrs["dilation"], groups=attrs["groups"]).numpy()
+    want = F.conv2d(
+        torch.tensor(x),
+        torch.tensor(weight),
+        torch.tensor(bias),
+        stride=attrs["stride"],
+        padding=attrs["padding"],
+        dilation=attrs["dilation"],
+        groups=attrs["groups"],
+    ).numpy()
     np.testing.assert_allclose(got, want, atol=1e-10)
 
 
@@ -227,8 +283,11 @@ def test_grid_sample_matches_torch(mode, padding_mode, align_corners):
     rng = np.random.default_rng(mode * 10 + padding_mode * 2 + align_corners)
     x = rng.standard_normal((2, 3, 5, 6))
     grid = rng.uniform(-13, 13, (2, 2, 4, 7))  # the plugin's x10 scale; some points outside
-    want = F.grid_sample(torch.tensor(x), torch.tensor(grid / 10).permute(0, 2, 3, 1),
-                         mode=("bilinear", "nearest", "bicubic")[mode],
-                         padding_mode=("zeros", "border", "reflection")[padding_mode],
-                         align_corners=bool(align_corners)).numpy()
+    want = F.grid_sample(
+        torch.tensor(x),
+        torch.tensor(grid / 10).permute(0, 2, 3, 1),
+        mode=("bilinear", "nearest", "bicubic")[mode],
+        padding_mode=("zeros", "border", "reflection")[padding_mode],
+        align_corners=bool(align_corners),
+    ).numpy()
     np.testing.assert_allclose(R.grid_sample2d(x, grid, mode, padding_mode, align_corners), want, atol=1e-10)

@@ -6,14 +6,20 @@ import numpy as np
 import onnx
 import pytest
 from custom_ops_cases import BEVFORMER_TINY_MSDA, ODD_MSDA, msda_inputs, one_node_model, registry, run_cpu
+from qdqkit.custom_ops.specs import SPECS
 from test_ops_reference import DCN_CASES, dcn_inputs
 
 from qdqkit.customops import TensorInfo
-from qdqkit.custom_ops.specs import SPECS
 
 NAMES = {
-    "MultiScaleDeformableAttnTRT", "MultiScaleDeformableAttnTRT2", "RotateTRT", "RotateTRT2",
-    "ModulatedDeformableConv2dTRT", "ModulatedDeformableConv2dTRT2", "GridSampler2DTRT", "GridSampler2DTRT2",
+    "MultiScaleDeformableAttnTRT",
+    "MultiScaleDeformableAttnTRT2",
+    "RotateTRT",
+    "RotateTRT2",
+    "ModulatedDeformableConv2dTRT",
+    "ModulatedDeformableConv2dTRT2",
+    "GridSampler2DTRT",
+    "GridSampler2DTRT2",
 }
 
 
@@ -64,13 +70,20 @@ def _cases():
         yield f"msda-{name}", "MultiScaleDeformableAttnTRT2", msda_inputs(case, seed=1), {}
     rng = np.random.default_rng(0)
     for shape in [(256, 50, 50), (3, 1, 7)]:
-        inputs = [rng.standard_normal(shape).astype(np.float32), np.array(10.0, np.float32),
-                  np.array([1.0, 2.0], np.float32)]
+        inputs = [
+            rng.standard_normal(shape).astype(np.float32),
+            np.array(10.0, np.float32),
+            np.array([1.0, 2.0], np.float32),
+        ]
         yield f"rotate-{shape}", "RotateTRT", inputs, {"interpolation": 1}
     for name, cfg in DCN_CASES.items():
         arrays, attrs = dcn_inputs(cfg, dtype=np.float32)
-        yield f"dcn-{name}", "ModulatedDeformableConv2dTRT", arrays, {
-            k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.items()}
+        yield (
+            f"dcn-{name}",
+            "ModulatedDeformableConv2dTRT",
+            arrays,
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.items()},
+        )
     x = rng.standard_normal((2, 3, 5, 6)).astype(np.float32)
     yield "gridsampler", "GridSampler2DTRT2", [x, rng.uniform(-10, 10, (2, 2, 4, 9)).astype(np.float32)], {}
 

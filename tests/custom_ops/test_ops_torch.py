@@ -9,10 +9,9 @@ import onnx
 import pytest
 import torch
 from custom_ops_cases import BEVFORMER_TINY_MSDA, ODD_MSDA, msda_inputs, registry
-from test_ops_reference import DCN_CASES, dcn_inputs
-
 from qdqkit.custom_ops import reference as R
 from qdqkit.custom_ops import torch_ops as T
+from test_ops_reference import DCN_CASES, dcn_inputs
 
 
 def t(a):
@@ -82,10 +81,13 @@ def test_msda_gradients():
 def test_dcn_and_rotate_gradients():
     arrays, attrs = dcn_inputs(DCN_CASES["odd-1x3"], seed=8)
     args = [t(a).requires_grad_() for a in arrays]
-    assert torch.autograd.gradcheck(lambda *a: T.modulated_deform_conv2d(*a, **attrs), args, eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda *a: T.modulated_deform_conv2d(*a, **attrs), args, eps=1e-6, atol=1e-5
+    )
     img = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda i: T.rotate(i, torch.tensor(25.0, dtype=torch.float64), torch.tensor([2.0, 3.0]), 0), (img,))
+        lambda i: T.rotate(i, torch.tensor(25.0, dtype=torch.float64), torch.tensor([2.0, 3.0]), 0), (img,)
+    )
 
 
 def test_rotate_takes_python_numbers():
@@ -132,8 +134,9 @@ class AllOps(torch.nn.Module):
         shapes = torch.tensor([[7, 5], [3, 4], [1, 1]], dtype=torch.int64)
         a = T.ms_deform_attn(value, shapes, ref, offsets, logits, variant=self.variant)
         b = T.rotate(img, angle, torch.tensor([100.0, 100.0]), 1, variant=self.variant)
-        c = T.modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, (2, 2), (2, 2), (2, 2), 2, 2,
-                                      variant=self.variant)
+        c = T.modulated_deform_conv2d(
+            x, offset, mask, self.weight, self.bias, (2, 2), (2, 2), (2, 2), 2, 2, variant=self.variant
+        )
         return a.flatten(2) * 2, b + 1, torch.relu(c)
 
 
@@ -149,8 +152,15 @@ def _all_ops_inputs():
 def _export(module, args, opset=13) -> onnx.ModelProto:
     buf = io.BytesIO()
     names = ["value", "ref", "offsets", "logits", "img", "angle", "x", "offset", "mask"]
-    torch.onnx.export(module, tuple(args), buf, dynamo=False, opset_version=opset, input_names=names,
-                      output_names=["msda", "rotated", "dcn"])
+    torch.onnx.export(
+        module,
+        tuple(args),
+        buf,
+        dynamo=False,
+        opset_version=opset,
+        input_names=names,
+        output_names=["msda", "rotated", "dcn"],
+    )
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -159,7 +169,11 @@ def test_export_emits_the_upstream_nodes(variant):
     model = _export(AllOps(variant).eval(), _all_ops_inputs())
     suffix = "TRT2" if variant == 2 else "TRT"
     custom = {n.op_type: n for n in model.graph.node if n.op_type.endswith(suffix)}
-    assert set(custom) == {f"MultiScaleDeformableAttn{suffix}", f"Rotate{suffix}", f"ModulatedDeformableConv2d{suffix}"}
+    assert set(custom) == {
+        f"MultiScaleDeformableAttn{suffix}",
+        f"Rotate{suffix}",
+        f"ModulatedDeformableConv2d{suffix}",
+    }
     assert all(n.domain == "" for n in custom.values())
     msda = custom[f"MultiScaleDeformableAttn{suffix}"]
     assert len(msda.input) == 5 and not msda.attribute
@@ -212,8 +226,10 @@ def test_exported_model_checks_infers_and_runs_like_pytorch():
     out_shapes = [tuple(d.dim_value for d in o.type.tensor_type.shape.dim) for o in simplified.graph.output]
     assert out_shapes == [e.shape for e in expected]
 
-    feed = {n: a.numpy() for n, a in zip(["value", "ref", "offsets", "logits", "img", "angle", "x", "offset", "mask"],
-                                         args)}
+    feed = {
+        n: a.numpy()
+        for n, a in zip(["value", "ref", "offsets", "logits", "img", "angle", "x", "offset", "mask"], args)
+    }
     for m in (model, simplified):
         sess = reg.session(m)
         got = sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
@@ -234,7 +250,11 @@ def test_grid_sampler_export_at_opset_16_runs():
     torch.onnx.export(GS(), (x, grid), buf, dynamo=False, opset_version=16)
     model = onnx.load_from_string(buf.getvalue())
     node = next(n for n in model.graph.node if n.op_type == "GridSampler2DTRT2")
-    assert {a.name: a.i for a in node.attribute} == {"interpolation_mode": 0, "padding_mode": 1, "align_corners": 0}
+    assert {a.name: a.i for a in node.attribute} == {
+        "interpolation_mode": 0,
+        "padding_mode": 1,
+        "align_corners": 0,
+    }
     onnx.checker.check_model(onnx.shape_inference.infer_shapes(model, strict_mode=True), full_check=True)
     sess = reg.session(model)
     got = sess.run(None, dict(zip([i.name for i in sess.get_inputs()], [x.numpy(), grid.numpy()])))[0]
