@@ -272,34 +272,15 @@ def bench_msda_vec_sweep():
                              (inp.value, inp.reference_points, inp.sampling_offsets, inp.attention_weights)]
                             + [torch.empty(B, Q, M, D, dtype=dt, device="cuda")])
             sh = torch.tensor(shapes, device="cuda")
-            for vec in vecs + ((8.5, 16.5) if dt == torch.float16 else ()):  # x.5: two points a half2 sum
+            for vec in vecs:
                 for strategy in ("global", "smem"):
                     if strategy == "smem" and sum(h * w for h, w in shapes) * D * sets[0][0].element_size() > 200 * 1024:
                         continue
-                    if vec != int(vec) and strategy == "smem":
-                        continue
                     ks = [lambda s=s, st=strategy, v=vec: cuda.ms_deform_attn(s[0], sh, s[1], s[2], s[3], out=s[4],
-                                                                              strategy=st, _vec=int(v),
-                                                                              _pair=v != int(v)) for s in sets]
-                    SWEEP.append({"case": name, "dtype": str(dt).split(".")[-1],
-                                  "vec": f"{int(vec)}{'p' if vec != int(vec) else ''}", "form": strategy,
+                                                                              strategy=st, _vec=v) for s in sets]
+                    SWEEP.append({"case": name, "dtype": str(dt).split(".")[-1], "vec": vec, "form": strategy,
                                   "us": time_graph(ks)[0]})
             del sets
-        q8 = lambda a: torch.tensor(np.clip(np.rint(a / (np.abs(a).max() / 127)), -128, 127).astype(np.int8),  # noqa: E731
-                                    device="cuda")
-        sets = []
-        for _ in range(16):
-            inp = T.msda_inputs(rng, B, shapes, M, D, Q, P, G)
-            sets.append([q8(inp.value), torch.tensor(inp.reference_points, dtype=torch.float32, device="cuda"),
-                         q8(inp.sampling_offsets), q8(inp.attention_weights),
-                         torch.empty(B, Q, M, D, dtype=torch.int8, device="cuda")])
-        sh = torch.tensor(shapes, device="cuda")
-        for vec in (8, 16, 32):
-            ks = [lambda s=s, v=vec: cuda.ms_deform_attn_int8(s[0], sh, s[1], s[2], s[3], value_scale=0.02,
-                                                              offset_scale=0.05, weight_scale=0.03, out_scale=0.01,
-                                                              out=s[4], strategy="global", _vec=v) for s in sets]
-            SWEEP.append({"case": name, "dtype": "int8", "vec": str(vec), "form": "global", "us": time_graph(ks)[0]})
-        del sets
 
 
 def bench_rotate(bw):

@@ -276,14 +276,10 @@ def _msda_plan(B, S, M, D, Q, L, P, esize, device, strategy: str):
 # BEVFormer-tiny shapes (benchmarks/GPU_NOTES.md, sweep): 8 points (spatial cross-attention) favour the wider
 # split, 4 points (temporal self-attention, decoder) the narrower one.
 _WIDE_VEC = {("fp16", 8): 16, ("fp16", 4): 8, ("fp32", 8): 8, ("fp32", 4): 4}
-# fp16 single-level kernels: whether two points share one half2 partial sum (by point count)
-_PAIR = {8: False, 4: False}
-# INT8 single-level kernels: channels a thread owns, by point count
-_INT8_VEC = {8: 8, 4: 8}
 
 
 def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, attention_weights, *, out=None,
-                   strategy: str = "auto", _vec: Optional[int] = None, _pair: Optional[bool] = None):
+                   strategy: str = "auto", _vec: Optional[int] = None):
     """MultiScaleDeformableAttnTRT(2) on CUDA tensors (fp32 or fp16; softmax of the logits inside).
 
     value [B,S,M,D], spatial_shapes int [L,2] (H,W), reference_points [B,Q,1,2G], sampling_offsets
@@ -317,8 +313,6 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
         wide = _WIDE_VEC[(kind, P)] if _vec is None else int(_vec)
         if wide > vec and D % wide == 0 and _aligned(min(64, wide * esize), value, out):
             vec = wide
-        if kind == "fp16" and vec in (8, 16) and (_PAIR.get(P, False) if _pair is None else _pair):
-            prefix = prefix[:-1] + "p_"
     name = f"{prefix}{kind}_v{vec}"
     if form == "smem":
         _launch("msda", f"msda_smem_{name}", grid, (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G,
@@ -345,7 +339,7 @@ def _float_bits(x: float) -> int:
 
 def ms_deform_attn_int8(value, spatial_shapes, reference_points, sampling_offsets, attention_weights, *,
                         value_scale: float, offset_scale: float, weight_scale: float, out_scale: float,
-                        out=None, strategy: str = "auto", _vec: Optional[int] = None):
+                        out=None, strategy: str = "auto"):
     """INT8 MultiScaleDeformableAttn as the TensorRT plugin takes it: int8 value, offsets and weights with
     per-tensor scales (real = scale * int8), fp32 reference points; returns int8 [B,Q,M,D] quantised with
     ``out_scale`` (round half to even, saturating to [-128, 127]). Needs D % 8 == 0.
@@ -380,18 +374,12 @@ def ms_deform_attn_int8(value, spatial_shapes, reference_points, sampling_offset
     scales = (_float_bits(value_scale), _float_bits(offset_scale), _float_bits(weight_scale),
               _float_bits(out_scale))
     form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, 1, value.device, strategy)
-    prefix = _fast_prefix(L, P, value.numel() < 2**31, aw, off)
-    vec = 8
-    if prefix:
-        wide = _INT8_VEC[P] if _vec is None else int(_vec)
-        if D % wide == 0 and _aligned(min(64, wide), value, out):
-            vec = wide
-    name = f"{prefix}int8_v{vec}"
+    name = f"{_fast_prefix(L, P, value.numel() < 2**31, aw, off)}int8_v8"
     if form == "smem":
         _launch("msda", f"msda_smem_{name}", grid,
                 (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qchunk, *scales, out), value.device, smem)
     else:
-        _launch("msda", f"msda_{name}", _grid1(B * Q * M * (D // vec)),
+        _launch("msda", f"msda_{name}", _grid1(B * Q * M * (D // 8)),
                 (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, *scales, out), value.device)
     return out
 

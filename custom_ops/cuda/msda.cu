@@ -94,7 +94,7 @@ __device__ __forceinline__ void qk_load_run(const T* __restrict__ p, float* dst)
 // value has fewer than 2^31 elements. For fp16 x8 the four corners of a point are combined with packed half2
 // FMAs (the TRT2 plugin's half2 arithmetic: one instruction per channel pair, no conversions) and each point's
 // sample is then added to fp32 accumulators, so the sum over points keeps fp32 precision.
-template <typename TV, typename TR, typename TP, int VEC, bool QUANT, int LP, bool PAIR>
+template <typename TV, typename TR, typename TP, int VEC, bool QUANT, int LP>
 __device__ __forceinline__ void msda_accumulate_fast(const TV* vsrc, int row, int H, int W,
                                                      const TR* __restrict__ refp, const TP* __restrict__ offp,
                                                      const TP* __restrict__ awp, int G, float so, float sa,
@@ -116,7 +116,6 @@ __device__ __forceinline__ void msda_accumulate_fast(const TV* vsrc, int row, in
     }
     const float inv_den = (QUANT ? sv : 1.f) / den;
     int g = 0;
-    unsigned int s2[(sizeof(TV) == 2 && VEC % 8 == 0) ? VEC / 2 : 1];
 #pragma unroll
     for (int p = 0; p < LP; ++p) {
         const float x = qk_ld(refp + 2 * g) * (float)W + msda_param<QUANT>(o[2 * p], so) - 0.5f;
@@ -137,11 +136,9 @@ __device__ __forceinline__ void msda_accumulate_fast(const TV* vsrc, int row, in
         const int idx[4] = {base, base + 1, base + W, base + W + 1};
         if constexpr (sizeof(TV) == 2 && VEC % 8 == 0) {
             constexpr int U = VEC / 8;  // 16-byte loads per corner
-            // PAIR: two points share one half2 partial sum (eight weighted corners) before the fp32 add
-            if (!PAIR || p % 2 == 0) {
+            unsigned int s2[VEC / 2];
 #pragma unroll
-                for (int i = 0; i < VEC / 2; ++i) s2[i] = 0u;
-            }
+            for (int i = 0; i < VEC / 2; ++i) s2[i] = 0u;
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
                 if (ok[k]) {
@@ -157,14 +154,12 @@ __device__ __forceinline__ void msda_accumulate_fast(const TV* vsrc, int row, in
                     }
                 }
             }
-            if (!PAIR || p % 2 == 1 || p == LP - 1) {
 #pragma unroll
-                for (int i = 0; i < VEC / 2; ++i) {
-                    float lo, hi;
-                    qk_h2_to_f2(s2[i], lo, hi);
-                    acc[2 * i] += lo;
-                    acc[2 * i + 1] += hi;
-                }
+            for (int i = 0; i < VEC / 2; ++i) {
+                float lo, hi;
+                qk_h2_to_f2(s2[i], lo, hi);
+                acc[2 * i] += lo;
+                acc[2 * i + 1] += hi;
             }
         } else {
 #pragma unroll
@@ -215,7 +210,7 @@ __device__ __forceinline__ void msda_global(const TV* __restrict__ value, const 
     const long long row = (long long)M * D;
     const TV* vsrc = value + (long long)b * S * row + (long long)m * D + c;
     if constexpr (FAST_LP > 0) {
-        msda_accumulate_fast<TV, TR, TP, VEC, QUANT, (FAST_LP & 0xff), (FAST_LP & 0x100) != 0>(vsrc, (int)row, (int)shapes[0], (int)shapes[1],
+        msda_accumulate_fast<TV, TR, TP, VEC, QUANT, FAST_LP>(vsrc, (int)row, (int)shapes[0], (int)shapes[1],
                                                               ref + bq * (long long)(2 * G),
                                                               off + bqm * (long long)LP * 2, aw + bqm * LP, G, so,
                                                               sa, sv, acc);
@@ -260,7 +255,7 @@ __device__ __forceinline__ void msda_smem(const TV* __restrict__ value, const qk
 #pragma unroll
         for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
         if constexpr (FAST_LP > 0) {
-            msda_accumulate_fast<TV, TR, TP, VEC, QUANT, (FAST_LP & 0xff), (FAST_LP & 0x100) != 0>(sval + c, D, H0, W0, ref + bq * (long long)(2 * G),
+            msda_accumulate_fast<TV, TR, TP, VEC, QUANT, FAST_LP>(sval + c, D, H0, W0, ref + bq * (long long)(2 * G),
                                                                   off + bqm * (long long)LP * 2, aw + bqm * LP, G,
                                                                   so, sa, sv, acc);
         } else {
@@ -309,22 +304,17 @@ QK_MSDA_FLOAT(lp4_fp16_v16, qk_half, 16, 4)
 QK_MSDA_FLOAT(lp8_fp16_v16, qk_half, 16, 8)
 QK_MSDA_FLOAT(lp4_fp16_v32, qk_half, 32, 4)
 QK_MSDA_FLOAT(lp8_fp16_v32, qk_half, 32, 8)
-// "p" kernels: two points per half2 partial sum (FAST_LP bit 0x100)
-QK_MSDA_FLOAT(lp4p_fp16_v8, qk_half, 8, 0x104)
-QK_MSDA_FLOAT(lp8p_fp16_v8, qk_half, 8, 0x108)
-QK_MSDA_FLOAT(lp4p_fp16_v16, qk_half, 16, 0x104)
-QK_MSDA_FLOAT(lp8p_fp16_v16, qk_half, 16, 0x108)
 
 // INT8 variant, as the TensorRT plugin accepts it: value, offsets and weights are int8 with per-tensor scales,
 // reference points fp32, output int8 with its own scale. The four scales arrive as the bit patterns of fp32
 // values in int32 extras (TensorRT AOT extras are integers; aot_impl reads TensorDesc.scale at build time).
 // Dequantised maths is exactly the fp32 kernel's; the output is re-quantised with QuantizeLinear rounding.
-#define QK_MSDA_INT8(NAME, VEC, LP)                                                                              \
+#define QK_MSDA_INT8(NAME, LP)                                                                              \
     extern "C" __global__ void __launch_bounds__(256) msda_##NAME(                                          \
         const signed char* value, const qk_i64* shapes, const float* ref, const signed char* off,            \
         const signed char* aw, int B, int S, int M, int D, int Q, int L, int P, int G, int value_scale_bits, \
         int offset_scale_bits, int weight_scale_bits, int out_scale_bits, signed char* out) {               \
-        msda_global<signed char, float, signed char, VEC, true, LP>(                                          \
+        msda_global<signed char, float, signed char, 8, true, LP>(                                          \
             value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qk_bits_to_float(value_scale_bits),         \
             qk_bits_to_float(offset_scale_bits), qk_bits_to_float(weight_scale_bits),                       \
             1.f / qk_bits_to_float(out_scale_bits), out);                                                   \
@@ -334,16 +324,12 @@ QK_MSDA_FLOAT(lp8p_fp16_v16, qk_half, 16, 0x108)
         const signed char* aw, int B, int S, int M, int D, int Q, int L, int P, int G, int qchunk,           \
         int value_scale_bits, int offset_scale_bits, int weight_scale_bits, int out_scale_bits,             \
         signed char* out) {                                                                                 \
-        msda_smem<signed char, float, signed char, VEC, true, LP>(                                            \
+        msda_smem<signed char, float, signed char, 8, true, LP>(                                            \
             value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qchunk, qk_bits_to_float(value_scale_bits), \
             qk_bits_to_float(offset_scale_bits), qk_bits_to_float(weight_scale_bits),                       \
             1.f / qk_bits_to_float(out_scale_bits), out);                                                   \
     }
 
-QK_MSDA_INT8(int8_v8, 8, 0)
-QK_MSDA_INT8(lp4_int8_v8, 8, 4)
-QK_MSDA_INT8(lp8_int8_v8, 8, 8)
-QK_MSDA_INT8(lp4_int8_v16, 16, 4)
-QK_MSDA_INT8(lp8_int8_v16, 16, 8)
-QK_MSDA_INT8(lp4_int8_v32, 32, 4)
-QK_MSDA_INT8(lp8_int8_v32, 32, 8)
+QK_MSDA_INT8(int8_v8, 0)
+QK_MSDA_INT8(lp4_int8_v8, 4)
+QK_MSDA_INT8(lp8_int8_v8, 8)
