@@ -63,8 +63,11 @@ class ModelHandle:
         if not os.access(path, os.R_OK):
             raise UserError(f"model file {path} is not readable")
         try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
+            if path.stat().st_size >= LIGHT_WEIGHTS:
+                proto = read_model_streamed(path)
+            else:
+                proto = onnx.load(str(path), load_external_data=False)
+        except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError, EOFError) as exc:
             raise UserError(f"{path} is not a readable ONNX model (corrupt or truncated protobuf: {exc})") from None
         if proto.ir_version == 0 or not proto.HasField("graph"):
             raise UserError(f"{path} is not an ONNX model (no IR version or graph); check the file")
@@ -445,3 +448,90 @@ def _write_inline_streamed(proto: onnx.ModelProto, f: Any) -> None:
         f.write(tag)
         f.write(_varint(n))
         f.write(t.SerializeToString())
+
+
+def _read_varint(f: Any) -> int | None:
+    """One varint from ``f``; None at a clean end of file."""
+    shift = result = 0
+    while True:
+        b = f.read(1)
+        if not b:
+            if shift:
+                raise EOFError("file ends inside a varint")
+            return None
+        result |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _read_field(f: Any, tag: int) -> bytes:
+    """The raw bytes of one field's value (after its tag), by wire type."""
+    wire = tag & 7
+    if wire == 0:
+        value = _read_varint(f)
+        if value is None:
+            raise EOFError("file ends inside a field")
+        return _varint(value)
+    if wire == 1:
+        data = f.read(8)
+    elif wire == 5:
+        data = f.read(4)
+    elif wire == 2:
+        n = _read_varint(f)
+        if n is None:
+            raise EOFError("file ends inside a field")
+        data = f.read(n)
+        if len(data) != n:
+            raise EOFError("file ends inside a field")
+        return _varint(n) + data
+    else:
+        raise ValueError(f"unsupported protobuf wire type {wire}")
+    if len(data) != {1: 8, 5: 4}[wire]:
+        raise EOFError("file ends inside a field")
+    return data
+
+
+def read_model_streamed(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse an ONNX file holding at most one weight tensor's bytes beside the model being built.
+
+    ``onnx.load`` reads the whole file into memory and then parses it, so a large model briefly needs twice
+    its size. Here the top-level fields are scanned on the wire: each main-graph initializer is parsed on its
+    own straight into the model, everything else is gathered and parsed with protobuf as usual (protobuf
+    merges repeated occurrences of the graph field, which is exactly what this reproduces).
+    """
+    model = onnx.ModelProto()
+    rest = bytearray()
+    with open(path, "rb", buffering=1 << 20) as f:
+        while True:
+            tag = _read_varint(f)
+            if tag is None:
+                break
+            if tag >> 3 == _MODEL_GRAPH and tag & 7 == 2:
+                length = _read_varint(f)
+                if length is None:
+                    raise EOFError("file ends inside the graph")
+                graph_rest = bytearray()
+                end = f.tell() + length
+                while f.tell() < end:
+                    inner = _read_varint(f)
+                    if inner is None:
+                        raise EOFError("file ends inside the graph")
+                    if inner >> 3 == _GRAPH_INITIALIZER and inner & 7 == 2:
+                        n = _read_varint(f)
+                        data = f.read(n) if n is not None else b""
+                        if n is None or len(data) != n:
+                            raise EOFError("file ends inside an initializer")
+                        model.graph.initializer.add().ParseFromString(data)
+                        del data
+                    else:
+                        graph_rest += _varint(inner) + _read_field(f, inner)
+                if f.tell() != end:
+                    raise ValueError("graph field overruns its length")
+                model.graph.MergeFromString(bytes(graph_rest))
+            else:
+                rest += _varint(tag) + _read_field(f, tag)
+    model.MergeFromString(bytes(rest))
+    return model

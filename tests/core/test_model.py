@@ -160,3 +160,31 @@ def test_streamed_inline_save_reads_back_identical(tmp_path, monkeypatch, toy_se
     assert back == model
     assert [t.name for t in back.graph.initializer] == [t.name for t in model.graph.initializer]
     onnx.checker.check_model(str(tmp_path / "s.onnx"))
+
+
+def test_streamed_load_matches_onnx_load(tmp_path, monkeypatch):
+    import qdqkit.model as qm
+
+    model = toymodels.plugin_model(seed=4)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    monkeypatch.setattr(qm, "LIGHT_WEIGHTS", 100)  # every file takes the streamed reader
+    assert ModelHandle.load(path).proto == onnx.load(path)
+    save_model(model, tmp_path / "streamed.onnx")  # written tensor by tensor: two graph fields
+    assert ModelHandle.load(tmp_path / "streamed.onnx").proto == model
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.7, 0.999])
+def test_streamed_load_rejects_truncated_files(tmp_path, monkeypatch, cut):
+    import qdqkit.model as qm
+
+    path = tmp_path / "m.onnx"
+    onnx.save(toymodels.plugin_model(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)])
+    monkeypatch.setattr(qm, "LIGHT_WEIGHTS", 100)
+    with pytest.raises(UserError, match="corrupt or truncated|not an ONNX model"):
+        ModelHandle.load(path)
+    path.write_text("plain text, certainly not a model\n" * 10)
+    with pytest.raises(UserError, match="corrupt or truncated|not an ONNX model"):
+        ModelHandle.load(path)
