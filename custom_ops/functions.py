@@ -301,7 +301,7 @@ def _msda_corner_table(b: _Body, value, x, y, logits, B, S, M, D, Q, L, P, Hs, W
     m1 = b.const(-1.0, FLOAT)
     inside = b.And(b.And(b.Greater(x, m1), b.Less(x, Wf)), b.And(b.Greater(y, m1), b.Less(y, Hf)))
     hits = b.ReduceSum(b.Reshape(b.Cast(inside, to=FLOAT), per_row), b.const([1]), keepdims=0)
-    rows = b.Transpose(b.NonZero(b.Greater(hits, b.const(0.0, FLOAT))), perm=[1, 0])  # [n, 1]
+    rows = b.Reshape(b.NonZero(b.Greater(hits, b.const(0.0, FLOAT))), b.const([-1, 1]))  # [1, n] -> [n, 1]
     r = b.Squeeze(rows, b.const([1]))
     xa = b.Gather(b.Reshape(x, per_row), r, axis=0)  # [n, L*P]
     ya = b.Gather(b.Reshape(y, per_row), r, axis=0)
