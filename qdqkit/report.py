@@ -54,7 +54,12 @@ def reset_peak_rss() -> bool:
 
 class Instrumentation:
     """Measures each pass through the before/after-pass hooks (registered by the CLI as plugin
-    ``qdqkit-instrumentation``)."""
+    ``qdqkit-instrumentation``).
+
+    Per-pass peaks come from resetting the kernel's peak-RSS mark before each pass. Linux derives a process's
+    final maximum RSS (what ``/usr/bin/time`` prints) from that same mark, so after an instrumented run such
+    tools see only the peak since the last pass began: read the report's per-pass figures instead.
+    """
 
     def __init__(self) -> None:
         self._start: dict[int, tuple[float, int, int, dict[str, int]]] = {}
