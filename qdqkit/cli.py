@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--exclude-nodes", nargs="+", metavar="REGEX", help="node names, regex, full match")
     q.add_argument("--exclude-nodes-glob", nargs="+", metavar="GLOB")
     q.add_argument("--exclude-pattern", dest="exclude_patterns", nargs="+", metavar="NAME")
+    q.add_argument("--exclude-between", nargs=2, action="append", metavar=("FROM", "TO"),
+                   help="every node on a path from tensor FROM to tensor TO (repeatable)")
+    q.add_argument("--optional-rule", dest="optional_rules", nargs="+", metavar="LABEL",
+                   help="rules allowed to match nothing (labels as the error names them, e.g. pattern:mha)")
+    q.add_argument("--calibration-method", choices=("max", "entropy"))
     q.add_argument("--high-precision", choices=("fp32", "fp16"))
     q.add_argument("--plugin-precision", nargs="+", metavar="OP:SPEC")
     q.add_argument("--backend", metavar="NAME")
@@ -86,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     vp.add_argument("float_model", metavar="FLOAT")
     vp.add_argument("quant_model", metavar="QUANT")
     vp.add_argument("--calib", required=True, metavar="SPEC")
-    vp.add_argument("--start", type=int, default=0, metavar="I", help="first sample index")
+    vp.add_argument("--start", type=int, required=True, metavar="I",
+                    help="first sample index; pass the calibration sample count so that only held-out samples are "
+                         "compared (apply calibrates on samples 0..calib_samples-1)")
     vp.add_argument("--samples", type=int, default=8, metavar="N")
     vp.add_argument("--min-cosine", type=float, default=0.99)
     vp.add_argument("--min-snr-db", type=float, default=None)
@@ -142,7 +149,8 @@ def _cli_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     qdq = {
         "exclude_op_types": args.exclude_op_types, "exclude_nodes": args.exclude_nodes,
         "exclude_nodes_glob": args.exclude_nodes_glob, "exclude_patterns": args.exclude_patterns,
-        "calib_samples": args.calib_samples, "high_precision": args.high_precision,
+        "exclude_between": args.exclude_between, "optional_rules": args.optional_rules,
+        "calibration_method": args.calibration_method, "calib_samples": args.calib_samples, "high_precision": args.high_precision,
         "plugin_precision": _plugin_precision(args.plugin_precision), "backend": args.backend,
     }
     validate = {"samples": args.val_samples, "min_cosine": args.min_cosine}
@@ -151,7 +159,8 @@ def _cli_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             for name, opts in (("qdq", qdq), ("validate", validate), ("infer-shapes", shapes))}
 
 
-_FLAG_OF = {"samples": "--val-samples", "fallback": "--shape-fallback", "exclude_patterns": "--exclude-pattern"}
+_FLAG_OF = {"samples": "--val-samples", "fallback": "--shape-fallback", "exclude_patterns": "--exclude-pattern",
+            "optional_rules": "--optional-rule"}
 
 
 def _plugin_precision(values: list[str] | None) -> dict[str, str] | None:
