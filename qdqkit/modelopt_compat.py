@@ -15,6 +15,13 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      the process the first time it runs, which breaks onnxruntime's own ``quantize_static`` (the ``ort`` back
      end) afterwards. Their attributes are snapshotted before ModelOpt runs and restored after it.
 
+  4. ModelOpt opens its calibration sessions (and its GEMV/MHA probes) with every onnxruntime graph optimization
+     off (``ORT_DISABLE_ALL``). That re-computes every constant sub-graph on every sample, the index arithmetic
+     of the custom ops' ONNX-function kernels included: about 7x one plain inference on the test model. Inside
+     the block, such sessions are raised to ``ORT_ENABLE_BASIC``: constant folding and eliminations that never
+     remove a node whose output is a graph output, and every tensor the calibrator observes is a graph output
+     (or feeds the reduce nodes it adds), so the recorded ranges do not change (tested: same scales).
+
 Not patched but handled by the caller (`run_in_private_dir`): ModelOpt rewrites its input file in place and drops
 ``sym_shape_infer_temp.onnx`` and ``<uuid>.data`` in the current directory, so it runs on a private copy with
 the working directory switched to a temporary folder. Its API defaults that differ from its CLI
@@ -139,8 +146,31 @@ def onnxruntime_quantization_restored() -> Iterator[None]:
                 delattr(owner, key)
 
 
+# -- patch 4: calibration sessions with constant folding -----------------------------------------------------------
+
 @contextlib.contextmanager
-def patched_modelopt() -> Iterator[None]:
+def calibration_sessions_folded() -> Iterator[None]:
+    """Sessions created inside the block with all optimizations off get basic ones (constant folding) instead."""
+    import onnxruntime as ort
+
+    cls = ort.InferenceSession
+    original = cls.__init__
+
+    def init(self: Any, path_or_bytes: Any, sess_options: Any = None, *args: Any, **kwargs: Any) -> None:
+        if sess_options is not None and \
+                sess_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
+            sess_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        original(self, path_or_bytes, sess_options, *args, **kwargs)
+
+    cls.__init__ = init
+    try:
+        yield
+    finally:
+        cls.__init__ = original
+
+
+@contextlib.contextmanager
+def patched_modelopt(fold_constants: bool = True) -> Iterator[None]:
     """Apply the patches listed in the module docstring for the duration of the block (re-entrant)."""
     check_version()
     with _LOCK, onnxruntime_quantization_restored():
@@ -162,7 +192,8 @@ def patched_modelopt() -> Iterator[None]:
                 if current is not _find_custom_nodes_without_trt:
                     saved.append((GraphSanitizer, "find_custom_nodes", current))
                     GraphSanitizer.find_custom_nodes = _find_custom_nodes_without_trt
-            yield
+            with calibration_sessions_folded() if fold_constants else contextlib.nullcontext():
+                yield
         finally:
             for owner, attr, value in reversed(saved):
                 setattr(owner, attr, value)

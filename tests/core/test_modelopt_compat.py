@@ -96,3 +96,73 @@ def test_onnxruntime_quantization_is_restored_after_modelopt():
         patch_ort_modules()  # what every ModelOpt quantize() call does, for good
         assert MinMaxCalibrater.collect_data is not before[1]
     assert (CalibraterBase.__init__, MinMaxCalibrater.collect_data) == before
+
+
+def _conv_mlp_model() -> onnx.ModelProto:
+    import numpy as np
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(3)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype("float32") * 0.2, name)
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 32])
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["c2", "shape"], ["t"], name="flatten"),
+        # a constant sub-graph: what folding removes (the custom ops' function kernels are full of these)
+        helper.make_node("Mul", ["m", "two"], ["m2"], name="const_mul"),
+        helper.make_node("MatMul", ["t", "m2"], ["y"], name="mm"),
+    ]
+    inits = [init("w1", 32, 8, 3, 3), init("w2", 64, 32, 3, 3), init("m", 256, 32),
+             numpy_helper.from_array(np.array([1, 64, 256], dtype="int64"), "shape"),
+             numpy_helper.from_array(np.array(2.0, dtype="float32"), "two")]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _quantize_recording_levels(tmp_path, fold: bool):
+    import numpy as np
+    import onnxruntime as ort
+    from modelopt.onnx.quantization import quantize
+    from onnx import numpy_helper
+
+    levels = []
+    original = ort.InferenceSession.__init__
+
+    def spy(self, path_or_bytes, sess_options=None, *a, **k):
+        levels.append(None if sess_options is None else sess_options.graph_optimization_level)
+        original(self, path_or_bytes, sess_options, *a, **k)
+
+    ort.InferenceSession.__init__ = spy  # innermost: sees the options as onnxruntime will get them
+    try:
+        with modelopt_compat.patched_modelopt(fold_constants=fold), \
+                modelopt_compat.run_in_private_dir(tmp_path) as d:
+            onnx.save(_conv_mlp_model(), d / "m.onnx")
+            data = np.random.default_rng(0).standard_normal((8, 8, 16, 16)).astype("float32")
+            quantize(onnx_path=str(d / "m.onnx"), quantize_mode="int8", calibration_data={"x": data},
+                     calibration_method="max", calibration_eps=["cpu"], high_precision_dtype="fp32",
+                     dq_only=False, output_path=str(d / "q.onnx"), log_level="ERROR")
+            q = onnx.load(str(d / "q.onnx"))
+    finally:
+        ort.InferenceSession.__init__ = original
+    scales = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer if "scale" in i.name}
+    return levels, scales
+
+
+def test_calibration_sessions_run_unoptimized_upstream_and_folded_when_patched(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    off = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    levels_up, scales_up = _quantize_recording_levels(tmp_path, fold=False)
+    assert off in levels_up  # ModelOpt still switches every optimization off: patch 4 still has work to do
+    levels, scales = _quantize_recording_levels(tmp_path, fold=True)
+    assert off not in levels and ort.GraphOptimizationLevel.ORT_ENABLE_BASIC in levels
+    # the observed ranges, hence every scale ModelOpt writes, are the same with constant folding
+    assert scales.keys() == scales_up.keys() and len(scales) >= 4
+    for name in scales:
+        np.testing.assert_allclose(scales[name], scales_up[name], rtol=1e-6, err_msg=name)
