@@ -277,19 +277,31 @@ def _make_inference(key: tuple[str, str]) -> Callable[[Any], None]:
     return infer
 
 
+_PRECISION_TYPES = {"fp32": "tensor(float)", "fp16": "tensor(float16)", "int8": "tensor(int8)",
+                    "int32": "tensor(int32)", "int64": "tensor(int64)"}
+
+
+def _schema_types(spec: CustomOpSpec, io: IOSpec) -> list[str]:
+    """The I/O's types, plus what its TensorRT plugin accepts there: a Q/DQ model that feeds the plugin INT8
+    (Q -> plugin -> DQ) must still pass the checker."""
+    formats = spec.trt.formats.get(io.name, ()) if spec.trt is not None else ()
+    extra = [_PRECISION_TYPES[p] for p in formats if p in _PRECISION_TYPES]
+    return list(dict.fromkeys([*io.types, *extra]))
+
+
 def _build_schema(spec: CustomOpSpec, domain: str, op_type: str) -> _defs.OpSchema:
     option = _defs.OpSchema.FormalParameterOption
     constraints = []
     inputs = []
     for i, io in enumerate(spec.inputs):
         tname = f"TI{i}"
-        constraints.append((tname, list(io.types), io.doc))
+        constraints.append((tname, _schema_types(spec, io), io.doc))
         inputs.append(_defs.OpSchema.FormalParameter(
             io.name, tname, io.doc, param_option=option.Optional if io.optional else option.Single))
     outputs = []
     for i, io in enumerate(spec.outputs):
         tname = f"TO{i}"
-        constraints.append((tname, list(io.types), io.doc))
+        constraints.append((tname, _schema_types(spec, io), io.doc))
         outputs.append(_defs.OpSchema.FormalParameter(
             io.name, tname, io.doc, param_option=option.Optional if io.optional else option.Single))
     attributes = []
