@@ -321,6 +321,8 @@ def cmd_ops(args: argparse.Namespace) -> int:
         if spec.trt is not None:
             print(f"  tensorrt:   plugin {spec.trt.name} version {spec.trt.version} "
                   f"namespace {spec.trt.namespace or '(empty)'}")
+            if spec.trt.formats:
+                print("  formats:    " + ", ".join(f"{io}:{'|'.join(p)}" for io, p in spec.trt.formats.items()))
     return 0
 
 

@@ -134,3 +134,15 @@ def test_checker_rejects_a_wrong_attribute_type(reg):
     model = one_node_model("RotateTRT2", inputs, {"interpolation": 1.5}, 13)
     with pytest.raises(onnx.checker.ValidationError):
         onnx.checker.check_model(model, full_check=True)
+
+
+def test_qdqkit_ops_lists_every_op_with_its_plugin_identity(capsys):
+    from qdqkit.cli import main
+
+    assert main(["ops"]) == 0
+    out = capsys.readouterr().out
+    for spec in SPECS:
+        assert f"(default)::{spec.op_type}  [plugin bevformer-ops]" in out
+        assert f"tensorrt:   plugin {spec.op_type} version 1 namespace (empty)" in out
+    assert "value:fp32|fp16|int8, spatial_shapes:int32|int64, reference_points:fp32|fp16" in out
+    assert "attributes: interpolation:int=1" in out
