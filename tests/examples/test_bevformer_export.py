@@ -139,7 +139,7 @@ def test_recipes_and_patterns_on_the_graph(onnx_model):
     from qdqkit.patterns import graph_view, match_mha
     from qdqkit.plugins import Session
 
-    from qdqkit.examples.bevformer.plugin import match_geometry
+    from qdqkit.examples.bevformer.plugin import match_deformable_offsets, match_geometry, match_temporal_state
 
     session = Session.start()
     steps = {name: [s.pass_name for s in session.recipes.get(name).steps]
@@ -151,6 +151,12 @@ def test_recipes_and_patterns_on_the_graph(onnx_model):
     g = graph_view(onnx_model)
     geo = match_geometry(g)
     assert len(geo) == 1 and g.nodes[next(iter(geo))]["op_type"] == "MatMul"
+    offsets = match_deformable_offsets(g)
+    assert len(offsets) == 12 and all(n.endswith("sampling_offsets/MatMul") for n in offsets)
+    state = match_temporal_state(g)
+    ops = collections.Counter(g.nodes[n]["op_type"] for n in state)
+    assert not set(ops) & {"MatMul", "Gemm", "Conv"} and ops["Add"] == 3  # the queue gate of the 3 TSA layers
+    assert all("/encoder/" in n or n.startswith("/pts_bbox_head/transformer/") for n in state)
     mha = match_mha(g)
     kinds = collections.Counter(g.nodes[n]["op_type"] for n in mha)
     assert kinds["Softmax"] == 6 and kinds["MatMul"] == 12  # Q.K^T and .V of the 6 decoder self-attentions

@@ -85,17 +85,22 @@ def test_structural_recipe_has_more_int8_and_no_less_fidelity(results, exported,
     _, m_mha, rep_mha = results["bevformer-int8-mha"]
     cov_orig = _pass_stats(rep_orig, "qdq")["summary"]["int8_coverage"]
     cov_mha = _pass_stats(rep_mha, "qdq")["summary"]["int8_coverage"]
-    assert cov_mha > cov_orig
+    assert cov_mha > cov_orig + 0.02
     mm = _pass_stats(rep_mha, "qdq")["summary"]["compute"]["MatMul"]
-    assert mm["int8"] >= 100  # the projection MatMuls
-    # attention cores and the camera projection stay out of INT8
+    assert mm["int8"] == 30  # the encoder's projections: 3 layers x (TSA 4 + SCA 4 + FFN 2)
     excluded = _pass_stats(rep_mha, "qdq")["rules"]["by_rule"]
     assert len(excluded["pattern:mha"]) >= 6 * 3 and len(excluded["pattern:bevformer-geometry"]) == 1
+    assert len(excluded["pattern:residual-add"]) == 16
+    # Fidelity: every output of the structural recipe at least as close to FP32 as the original recipe's, up to
+    # a margin for the single held-out frame of this reduced run (the demo's figures are in the README).
+    val = {r: {o["name"]: o["cosine_min"] for o in _pass_stats(rep, "validate")["outputs"]}
+           for r, rep in (("orig", rep_orig), ("mha", rep_mha))}
+    for name in val["orig"]:
+        assert val["mha"][name] >= val["orig"][name] - 5e-4, val
     # last decoder layer (what inference reads) on the held-out frame, both recipes against FP32
     from qdqkit.examples.bevformer.__main__ import last_layer_fidelity
 
-    folder = source.folder
-    worst = {r: last_layer_fidelity(exported.onnx_path, m, folder, CALIB, VAL) for r, m in
+    worst = {r: last_layer_fidelity(exported.onnx_path, m, source.folder, CALIB, VAL) for r, m in
              (("orig", m_orig), ("mha", m_mha))}
     for r in worst.values():
         assert min(r.values()) >= 0.99, worst
