@@ -33,6 +33,7 @@ setup(
         "onnxsim",
         "pluggy>=1.3",
         "networkx",
+        "onnxruntime-extensions",  # runs custom ops that have only a Python kernel
         "nvidia-modelopt[onnx]",
         'tomli; python_version < "3.11"',  # pipeline TOML files (tomllib is in the standard library from 3.11)
         # onnxruntime itself arrives with nvidia-modelopt[onnx] (the onnxruntime-gpu build, which also runs on the CPU).
