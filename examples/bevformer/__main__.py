@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="export, data, quantize, validate and report, end to end")
     _add_model_args(d)
-    d.add_argument("--recipe", default="both", choices=("bevformer-int8", "bevformer-int8-mha", "both"))
+    d.add_argument("--recipe", default="bevformer-int8", choices=("bevformer-int8", "bevformer-int8-mha", "both"),
+                   help="recipe to run (default bevformer-int8, the original; both: compare the two)")
     d.add_argument("--calib-samples", type=int, default=8, help="calibration frames (default 8)")
     d.add_argument("--val-samples", type=int, default=4, help="held-out validation frames (default 4)")
     d.add_argument("--data-seed", type=int, default=0)

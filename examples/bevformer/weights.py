@@ -91,6 +91,14 @@ def init_seeded(model: M.BEVFormer, seed: int = 0, calibrate_bn: bool = True, bn
             normal_(mod.attention_weights.weight, std=0.05)
             normal_(mod.attention_weights.bias, std=0.1)
 
+    # The box-regression outputs keep PyTorch's default Linear scale, as upstream (no custom init there): these
+    # outputs refine the reference points six times, and Xavier-sized steps would saturate them.
+    for branch in head.reg_branches:
+        last = branch[-1]
+        bound = 1.0 / math.sqrt(last.in_features)
+        uniform_(last.weight, -bound, bound)
+        uniform_(last.bias, -bound, bound)
+
     prior = -math.log((1 - 0.01) / 0.01)  # focal-loss prior: class probability 0.01 at start
     for branch in head.cls_branches:
         with torch.no_grad():
