@@ -80,7 +80,8 @@ def test_custom_op_inventory(onnx_model):
     assert (ops["Conv"], ops["MatMul"], ops["Gemm"], ops["Softmax"]) == (55, 152, 8, 6)
 
 
-def test_cp_variant_names(tmp_path_factory):
+@pytest.mark.slow  # a second full export (about 30 s) on a fresh cache
+def test_cp_variant_names():
     res = E.export(variant=1, log=lambda _m: None)
     m = onnx.load(str(res.onnx_path), load_external_data=False)
     counts = collections.Counter(n.op_type for n in m.graph.node if "TRT" in n.op_type)
