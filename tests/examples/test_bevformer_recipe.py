@@ -1,7 +1,7 @@
 """End to end at reduced sample count: both BEVFormer recipes through ``qdqkit apply`` with the ``bevformer:``
 calibration source, on the real BEVFormer-tiny export, on the CPU.
 
-Slow (about 3 minutes per recipe on 2 shared cores: ModelOpt calibration and validation of a 6-camera
+Slow (about 3 minutes for both recipes on 2 shared cores: ModelOpt calibration and validation of a 6-camera
 480x800 model); it is the CI check that the whole chain works. The demo (``python -m qdqkit.examples.bevformer
 demo``) runs the same with more samples.
 """
