@@ -46,13 +46,12 @@ class ValidatePass(Pass):
                          start=state["calib_samples"], count=o.samples, min_cosine=o.min_cosine,
                          min_snr_db=o.min_snr_db)
         ctx.state["validate"] = result
-        if ctx.report is not None and hasattr(ctx.report, "validation"):
-            ctx.report.validation = result.to_dict()
         ctx.say(result.table())
         if not result.passed:
             worst = min(result.outputs, key=lambda s: s.cosine_min)
             raise ValidationFailed(
                 f"validation failed: output '{worst.name}' cosine {worst.cosine_min:.4f} (threshold "
-                f"{o.min_cosine}), SNR {worst.snr_db:.1f} dB; see the report"
+                f"{o.min_cosine}), SNR {worst.snr_db:.1f} dB; see the report",
+                stats=result.to_dict(),
             )
         return PassResult(modified=False, stats=result.to_dict())

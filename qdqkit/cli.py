@@ -241,7 +241,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                               registries=session.registries, report=report, calib_spec=args.calib,
                               progress=progress)
             try:
-                records = pipe.run(model, ctx)
+                pipe.run(model, ctx, records)
             finally:
                 progress.close()
                 report.set("passes", [r.to_dict() for r in records])

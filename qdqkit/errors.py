@@ -13,9 +13,16 @@ class UserError(Exception):
 
 
 class ValidationFailed(Exception):
-    """A quantized model did not meet the fidelity thresholds the user asked for (exit code 1)."""
+    """A quantized model did not meet the fidelity thresholds the user asked for (exit code 1).
+
+    ``stats`` carries the figures of the failing step, so that the report still shows them.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str, stats: dict | None = None) -> None:
+        super().__init__(message)
+        self.stats = stats or {}
 
 
 class PassContractError(Exception):

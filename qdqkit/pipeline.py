@@ -223,9 +223,15 @@ class Pipeline:
             parts.append(f"'{fact}', which no earlier step provides; {hint}")
         return "; ".join(parts)
 
-    def run(self, model: ModelHandle, ctx: PassContext) -> list[StepRecord]:
-        """Run the passes in order on ``model``; returns one record per step."""
-        records: list[StepRecord] = []
+    def run(self, model: ModelHandle, ctx: PassContext, records: list[StepRecord] | None = None) -> list[StepRecord]:
+        """Run the passes in order on ``model``; returns one record per step.
+
+        Records are appended to ``records`` (when given) as the steps finish, so a caller keeps those of the
+        steps that ran when a later one raises; a step that fails validation gets its record too.
+        """
+        records = [] if records is None else records
+        # every pass may hand the model to onnx (checker, shape inference, onnxsim): they must know the custom ops
+        ctx.custom_ops.register_onnx_schemas()
         ctx.facts |= self.initial_facts
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +244,12 @@ class Pipeline:
             if self.hook is not None:
                 self.hook.qdqkit_before_pass(pass_=p, model=model, ctx=ctx)
             start = time.perf_counter()
-            result = p.run(model, ctx)
+            try:
+                result = p.run(model, ctx)
+            except ValidationFailed as exc:
+                records.append(StepRecord(p.name, dict(step.options), False, {**exc.stats, "failed": str(exc)},
+                                          round(time.perf_counter() - start, 4), figures))
+                raise
             seconds = time.perf_counter() - start
             if not isinstance(result, PassResult):
                 raise PassContractError(f"pass '{p.name}' returned {type(result).__name__}, not a PassResult")

@@ -493,7 +493,7 @@ class LearnedPositionalEncoding(nn.Module):
         y = self.row_embed.weight[:h]
         # Broadcast by adding zeros (expand exports as a Where chain that neither constant folding nor shape
         # inference resolves); all inputs are weights, so the exporter folds this into one constant.
-        zeros = torch.zeros(h, w, 1)
+        zeros = torch.zeros(h, w, 1, device=x.device, dtype=x.dtype)  # on the weights' device: runs on a GPU too
         pos = torch.cat([x[None] + zeros, y[:, None] + zeros], -1)  # [h, w, 2F]
         return pos.reshape(h * w, 1, -1)
 
