@@ -185,13 +185,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", nargs=4)
     ap.add_argument("--time-only", action="store_true")
+    ap.add_argument("--grid", type=int, default=16, help="test-model token grid (input is 2*grid square)")
+    ap.add_argument("--width", type=int, default=64, help="test-model embedding width")
     args = ap.parse_args()
     if args.child:
         kind, path, grid, width = args.child
         _child(kind, path, int(grid), int(width))
         return
     if args.time_only:
-        figures = {"time": time_benchmark(16, 64, 8, 136)}
+        figures = {"time": time_benchmark(args.grid, args.width, 8, 136)}
     elif args.quick:
         figures = {"time": time_benchmark(8, 32, 8, 136), "memory": memory_benchmark(16, 32, 64, 512)}
     else:
