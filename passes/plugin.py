@@ -10,8 +10,8 @@ from .detect_custom_ops import DetectCustomOpsPass
 from .infer_shapes import InferShapesPass
 from .simplify import SimplifyPass
 from .trt_plugin_domain import TrtPluginDomainPass
-from .qdq import QdqPass  # qdq engineer
-from .validate import ValidatePass  # qdq engineer
+from .qdq import QdqPass
+from .validate import ValidatePass
 
 
 @hookimpl
@@ -37,8 +37,6 @@ def qdqkit_register_recipes(registry):
     ))
 
 
-
-# --- exclusion patterns and quantization back ends (owner: qdq engineer) -----------------------------------------
 @hookimpl
 def qdqkit_register_rules(registry):
     registry.add_builtins()  # "mha" and "layernorm", see qdqkit.patterns
