@@ -15,11 +15,15 @@ from qdqkit.pass_infra import Pass, PassContext, PassResult
 @dataclass
 class TrtPluginDomainOptions:
     """``op_types``: only these op types (default: every custom op). ``inverse``: move back out of
-    ``trt.plugins``. ``include_unknown``: also move custom ops that have no registered spec."""
+    ``trt.plugins``. ``include_unknown``: also move custom ops that have no registered spec.
+    ``plugin_namespace``: also write this TensorRT plugin namespace as the node attribute ``plugin_namespace``
+    (TensorRT's ONNX parser reads it; Python plugins need a non-empty namespace without dots, which the
+    ``trt.plugins`` domain cannot serve as)."""
 
     op_types: list[str] = field(default_factory=list)
     inverse: bool = False
     include_unknown: bool = True
+    plugin_namespace: str = ""
 
 
 class TrtPluginDomainPass(Pass):
@@ -31,6 +35,8 @@ class TrtPluginDomainPass(Pass):
       2. The ``trt.plugins`` opset import (version 1) is added; opset imports of custom domains that no node uses
          any more are removed. The default-domain import always stays.
       3. The original domain of each moved node is recorded in ``ctx.state["trt-plugin-domain"]``.
+      4. With ``plugin_namespace``, each moved node also gets that string attribute (an existing one is
+         replaced).
     Inverse (``inverse = true``):
       1. Every ``trt.plugins`` node (restricted to ``op_types`` when given) goes back to the domain recorded in
          this run, else to its spec's own domain, else to the default domain ``""``.
@@ -79,11 +85,21 @@ class TrtPluginDomainPass(Pass):
                 originals.setdefault(node.op_type, node.domain)
                 node.domain = TRT_PLUGIN_DOMAIN
                 moved[node.op_type] = moved.get(node.op_type, 0) + 1
+                if self.options.plugin_namespace:
+                    _set_string_attribute(node, "plugin_namespace", self.options.plugin_namespace)
         if not moved:
             return PassResult(modified=False, stats={"moved": {}})
         fix_opset_imports(proto)
         state["moved"] = moved
         return PassResult(modified=True, stats={"moved": moved, "inverse": self.options.inverse})
+
+
+def _set_string_attribute(node: Any, name: str, value: str) -> None:
+    for i, attr in enumerate(node.attribute):
+        if attr.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(helper.make_attribute(name, value))
 
 
 def fix_opset_imports(proto: Any) -> None:

@@ -277,6 +277,7 @@ def _make_inference(key: tuple[str, str]) -> Callable[[Any], None]:
     return infer
 
 
+_TRT_NODE_ATTRIBUTES = ("plugin_namespace", "plugin_version")
 _PRECISION_TYPES = {"fp32": "tensor(float)", "fp16": "tensor(float16)", "int8": "tensor(int8)",
                     "int32": "tensor(int32)", "int64": "tensor(int64)"}
 
@@ -309,6 +310,11 @@ def _build_schema(spec: CustomOpSpec, domain: str, op_type: str) -> _defs.OpSche
         if a.type not in _ATTR_TYPES:
             raise PassContractError(f"custom op {op_type}: attribute {a.name} has unknown type {a.type!r}")
         attributes.append(_defs.OpSchema.Attribute(a.name, _ATTR_TYPES[a.type], a.doc, required=a.default is None))
+    # TensorRT's ONNX parser reads these on any plugin node; the op's own maths never does
+    for name in _TRT_NODE_ATTRIBUTES:
+        if all(a.name != name for a in spec.attributes):
+            attributes.append(_defs.OpSchema.Attribute(name, _ATTR_TYPES["string"], "TensorRT plugin lookup",
+                                                       required=False))
     schema = _defs.OpSchema(op_type, domain, 1, spec.doc or f"custom op {op_type} (qdqkit spec)",
                             inputs=inputs, outputs=outputs, type_constraints=constraints, attributes=attributes)
     schema.set_type_and_shape_inference_function(_make_inference((domain, op_type)))

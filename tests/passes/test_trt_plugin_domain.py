@@ -75,3 +75,24 @@ def test_unknown_custom_ops_move_unless_excluded(toy_session, tmp_path):
 def test_unknown_op_type_filter_is_an_error(toy_session, tmp_path):
     with pytest.raises(UserError, match="NotThereTRT not found"):
         _run(toy_session, ModelHandle(toymodels.plugin_model()), _ctx(toy_session, tmp_path), op_types=["NotThereTRT"])
+
+
+def test_plugin_namespace_attribute_checks_and_runs(toy_session, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    handle, ctx = ModelHandle(toymodels.plugin_model()), _ctx(toy_session, tmp_path)
+    reference = toy_session.custom_ops.session(handle.proto)
+    result = _run(toy_session, handle, ctx, op_types=["ToyScaleTRT"], plugin_namespace="qdqkit")
+    assert result.modified
+    ns = {n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute}.get("plugin_namespace")
+          for n in handle.proto.graph.node}
+    assert ns["block0/toyscale"] == b"qdqkit" and ns["head/rowmean"] is None
+    toy_session.custom_ops.register_onnx_schemas()
+    onnx.checker.check_model(handle.proto, full_check=True)  # the schemas know TensorRT's lookup attributes
+    feeds = {i.name: np.random.default_rng(0).standard_normal(
+        [d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32) for i in handle.proto.graph.input}
+    got = toy_session.custom_ops.session(handle.proto).run(None, feeds)
+    for a, b in zip(got, reference.run(None, feeds)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
