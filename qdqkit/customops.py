@@ -292,19 +292,19 @@ def _schema_types(spec: CustomOpSpec, io: IOSpec) -> list[str]:
 
 def _build_schema(spec: CustomOpSpec, domain: str, op_type: str) -> _defs.OpSchema:
     option = _defs.OpSchema.FormalParameterOption
-    constraints = []
-    inputs = []
-    for i, io in enumerate(spec.inputs):
-        tname = f"TI{i}"
-        constraints.append((tname, _schema_types(spec, io), io.doc))
-        inputs.append(_defs.OpSchema.FormalParameter(
-            io.name, tname, io.doc, param_option=option.Optional if io.optional else option.Single))
-    outputs = []
-    for i, io in enumerate(spec.outputs):
-        tname = f"TO{i}"
-        constraints.append((tname, _schema_types(spec, io), io.doc))
-        outputs.append(_defs.OpSchema.FormalParameter(
-            io.name, tname, io.doc, param_option=option.Optional if io.optional else option.Single))
+    constraints: list[tuple[str, list[str], str]] = []
+
+    def formal(ios: tuple[IOSpec, ...], prefix: str) -> list[Any]:
+        # one type variable per input/output: each takes its own types (the plugin's formats decide, not ONNX)
+        params = []
+        for i, io in enumerate(ios):
+            tname = f"{prefix}{i}"
+            constraints.append((tname, _schema_types(spec, io), io.doc))
+            params.append(_defs.OpSchema.FormalParameter(
+                io.name, tname, io.doc, param_option=option.Optional if io.optional else option.Single))
+        return params
+
+    inputs, outputs = formal(spec.inputs, "TI"), formal(spec.outputs, "TO")
     attributes = []
     for a in spec.attributes:
         if a.type not in _ATTR_TYPES:
