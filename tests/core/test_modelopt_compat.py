@@ -112,57 +112,108 @@ def _conv_mlp_model() -> onnx.ModelProto:
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["r1", "w1b"], ["c1b"], name="conv1b", pads=[1, 1, 1, 1]),
+        # a quantized tensor into a quantized Concat: ModelOpt gives both one range (its group_qdq_tensors)
+        helper.make_node("Concat", ["r1", "c1b"], ["cat"], name="cat", axis=1),
+        helper.make_node("Conv", ["cat", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
         helper.make_node("Reshape", ["c2", "shape"], ["t"], name="flatten"),
         # a constant sub-graph: what folding removes (the custom ops' function kernels are full of these)
         helper.make_node("Mul", ["m", "two"], ["m2"], name="const_mul"),
         helper.make_node("MatMul", ["t", "m2"], ["y"], name="mm"),
     ]
-    inits = [init("w1", 32, 8, 3, 3), init("w2", 64, 32, 3, 3), init("m", 256, 32),
+    inits = [init("w1", 16, 8, 3, 3), init("w1b", 16, 16, 3, 3), init("w2", 64, 32, 3, 3), init("m", 256, 32),
              numpy_helper.from_array(np.array([1, 64, 256], dtype="int64"), "shape"),
              numpy_helper.from_array(np.array(2.0, dtype="float32"), "two")]
     return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _quantize_recording_levels(tmp_path, fold: bool):
+_SAMPLES = 8
+
+
+def _quantize_recording(tmp_path, fold: bool, running: bool) -> dict:
+    """Quantize the test model ("max" calibration) with the given patches; record what the calibration did."""
     import numpy as np
     import onnxruntime as ort
-    from modelopt.onnx.quantization import quantize
+    from modelopt.onnx.quantization import ort_patching, quantize
     from onnx import numpy_helper
 
-    levels = []
-    original = ort.InferenceSession.__init__
+    rec: dict = {"levels": [], "arena": [], "fetched": [], "compute_data": 0, "groups": None}
+    original_init, original_run = ort.InferenceSession.__init__, ort.InferenceSession.run
+    original_compute = ort_patching._compute_data_minmax_calibrator
 
-    def spy(self, path_or_bytes, sess_options=None, *a, **k):
-        levels.append(None if sess_options is None else sess_options.graph_optimization_level)
-        original(self, path_or_bytes, sess_options, *a, **k)
+    def spy_init(self, path_or_bytes, sess_options=None, *a, **k):
+        rec["levels"].append(None if sess_options is None else sess_options.graph_optimization_level)
+        rec["arena"].append(None if sess_options is None else sess_options.enable_cpu_mem_arena)
+        original_init(self, path_or_bytes, sess_options, *a, **k)
 
-    ort.InferenceSession.__init__ = spy  # innermost: sees the options as onnxruntime will get them
+    def spy_run(self, output_names, *a, **k):
+        if any(o.name.endswith("_ReduceMax") for o in self.get_outputs()):
+            rec["fetched"].append(None if output_names is None else list(output_names))
+        return original_run(self, output_names, *a, **k)
+
+    def spy_compute(calibrator):
+        rec["compute_data"] += 1
+        rec["groups"] = calibrator.group_qdq_tensors
+        return original_compute(calibrator)
+
+    # innermost: sees the options as onnxruntime will get them; ModelOpt installs the compute_data it finds here
+    ort.InferenceSession.__init__, ort.InferenceSession.run = spy_init, spy_run
+    ort_patching._compute_data_minmax_calibrator = spy_compute
     try:
-        with modelopt_compat.patched_modelopt(fold_constants=fold), \
+        with modelopt_compat.patched_modelopt(fold_constants=fold, running_ranges=running), \
                 modelopt_compat.run_in_private_dir(tmp_path) as d:
             onnx.save(_conv_mlp_model(), d / "m.onnx")
-            data = np.random.default_rng(0).standard_normal((8, 8, 16, 16)).astype("float32")
+            data = np.random.default_rng(0).standard_normal((_SAMPLES, 8, 16, 16)).astype("float32")
+            data *= np.linspace(0.5, 2.0, _SAMPLES, dtype="float32")[:, None, None, None]  # every sample counts
             quantize(onnx_path=str(d / "m.onnx"), quantize_mode="int8", calibration_data={"x": data},
                      calibration_method="max", calibration_eps=["cpu"], high_precision_dtype="fp32",
                      dq_only=False, output_path=str(d / "q.onnx"), log_level="ERROR")
             q = onnx.load(str(d / "q.onnx"))
     finally:
-        ort.InferenceSession.__init__ = original
-    scales = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer if "scale" in i.name}
-    return levels, scales
+        ort.InferenceSession.__init__, ort.InferenceSession.run = original_init, original_run
+        ort_patching._compute_data_minmax_calibrator = original_compute
+    rec["scales"] = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer if "scale" in i.name}
+    return rec
 
 
-def test_calibration_sessions_run_unoptimized_upstream_and_folded_when_patched(tmp_path):
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """ModelOpt's own calibration path, every calibration patch off."""
+    return _quantize_recording(tmp_path_factory.mktemp("upstream"), fold=False, running=False)
+
+
+def _assert_same_scales(got: dict, want: dict) -> None:
     import numpy as np
+
+    assert got.keys() == want.keys() and len(got) >= 4
+    for name, value in got.items():
+        np.testing.assert_array_equal(value, want[name], err_msg=name)
+
+
+def test_calibration_sessions_run_unoptimized_upstream_and_folded_when_patched(tmp_path, upstream):
     import onnxruntime as ort
 
     off = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    levels_up, scales_up = _quantize_recording_levels(tmp_path, fold=False)
-    assert off in levels_up  # ModelOpt still switches every optimization off: patch 4 still has work to do
-    levels, scales = _quantize_recording_levels(tmp_path, fold=True)
-    assert off not in levels and ort.GraphOptimizationLevel.ORT_ENABLE_BASIC in levels
+    # ModelOpt still switches every optimization and the arena off: patch 4 still has work to do
+    assert off in upstream["levels"] and False in upstream["arena"]
+    rec = _quantize_recording(tmp_path, fold=True, running=False)
+    assert off not in rec["levels"] and ort.GraphOptimizationLevel.ORT_ENABLE_BASIC in rec["levels"]
+    assert False not in rec["arena"]
     # the observed ranges, hence every scale ModelOpt writes, are the same with constant folding
-    assert scales.keys() == scales_up.keys() and len(scales) >= 4
-    for name in scales:
-        np.testing.assert_allclose(scales[name], scales_up[name], rtol=1e-6, err_msg=name)
+    _assert_same_scales(rec["scales"], upstream["scales"])
+
+
+def test_max_calibration_merges_ranges_per_sample_upstream_and_keeps_running_ones_when_patched(tmp_path, upstream):
+    # ModelOpt fetches every output and merges the ranges in Python after each sample: patch 5 has work to do
+    assert upstream["compute_data"] == _SAMPLES + 1 and upstream["fetched"] == [None] * _SAMPLES
+    assert upstream["groups"]  # the Concat's inputs share one range: that merge is exercised too
+    rec = _quantize_recording(tmp_path, fold=False, running=True)
+    # one merge over the running minima and maxima (plus ModelOpt's final call); only the reduced outputs fetched
+    assert rec["compute_data"] == 2 and len(rec["fetched"]) == _SAMPLES
+    assert all(f and all(n.endswith(("_ReduceMin", "_ReduceMax")) for n in f) for f in rec["fetched"])
+    _assert_same_scales(rec["scales"], upstream["scales"])
+
+
+def test_calibration_as_shipped_gives_modelopts_scales(tmp_path, upstream):
+    rec = _quantize_recording(tmp_path, fold=True, running=True)
+    _assert_same_scales(rec["scales"], upstream["scales"])
