@@ -17,14 +17,18 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
 
   4. ModelOpt opens its calibration sessions (and its GEMV/MHA probes) with every onnxruntime graph optimization
      off (``ORT_DISABLE_ALL``). That re-computes every constant sub-graph on every sample, the index arithmetic
-     of the custom ops' ONNX-function kernels included: about 7x one plain inference on the test model. Inside
-     the block, such sessions are raised to ``ORT_ENABLE_BASIC``: constant folding and eliminations that never
-     remove a node whose output is a graph output, and every tensor the calibrator observes is a graph output
-     (or feeds the reduce nodes it adds), so the recorded ranges do not change (tested: same scales). The same
-     sessions also switch onnxruntime's CPU memory arena off, so every activation is a fresh allocation (page
-     faults in proportion to the data: 2.5x one plain inference on a 64x64 test model); the arena is switched
-     back on. It costs memory: the BEVFormer-tiny qdq step peaked at 13.5 GB instead of 11.9 GB (100 s instead
-     of 115 s).
+     of the custom ops' ONNX-function kernels included. Inside the block, such sessions are raised to
+     ``ORT_ENABLE_EXTENDED``: constant folding, eliminations and fusions, none of which removes or merges away a
+     node whose output is a graph output or has a second consumer, and every tensor the calibrator observes
+     feeds the reduce nodes it adds, so what it records is computed as before (tested: same scales, bit for bit,
+     on the test models; on BEVFormer-tiny 9 of 140 scales move by one or two float32 ulps, at most 2.6e-7
+     relative, where a fusion inside an unobserved stretch rounds differently). Not ``ORT_ENABLE_ALL``: its
+     layout transformations copy activations, which raised the BEVFormer-tiny qdq peak from 13.5 to 17.0 GB for
+     no time gain. The same sessions also switch onnxruntime's CPU memory arena off, so every activation is a
+     fresh allocation (page faults in proportion to the data); the arena is switched back on. Measured
+     (benchmarks/qdq_calibration.py, RESULTS.md): per-sample calibration cost on the 64x64 test model 2.8x one
+     plain inference upstream, 1.2x with this patch; the BEVFormer-tiny qdq step (entropy, 8 frames) peaks at
+     13.4 GB in 107 s (basic level: 13.5 GB, 116 s; without the arena: 11.9 GB, 115 s).
 
   5. ModelOpt's "max" calibration (``MinMaxCalibrater.collect_data``) fetches every output of the calibration
      session and, after every sample, merges the ranges in Python (a dict of lists, ``np.min`` per tensor, a
@@ -163,8 +167,8 @@ def onnxruntime_quantization_restored() -> Iterator[None]:
 
 @contextlib.contextmanager
 def calibration_sessions_folded() -> Iterator[None]:
-    """Sessions created inside the block with all optimizations off get basic ones (constant folding) and the
-    CPU memory arena instead (patch 4 in the module docstring)."""
+    """Sessions created inside the block with all optimizations off get the extended level (constant folding,
+    fusions that keep every observed tensor) and the CPU memory arena instead (patch 4 in the module docstring)."""
     import onnxruntime as ort
 
     cls = ort.InferenceSession
@@ -173,7 +177,7 @@ def calibration_sessions_folded() -> Iterator[None]:
     def init(self: Any, path_or_bytes: Any, sess_options: Any = None, *args: Any, **kwargs: Any) -> None:
         if sess_options is not None and \
                 sess_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
-            sess_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            sess_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
             sess_options.enable_cpu_mem_arena = True
         original(self, path_or_bytes, sess_options, *args, **kwargs)
 

@@ -197,7 +197,7 @@ def test_calibration_sessions_run_unoptimized_upstream_and_folded_when_patched(t
     # ModelOpt still switches every optimization and the arena off: patch 4 still has work to do
     assert off in upstream["levels"] and False in upstream["arena"]
     rec = _quantize_recording(tmp_path, fold=True, running=False)
-    assert off not in rec["levels"] and ort.GraphOptimizationLevel.ORT_ENABLE_BASIC in rec["levels"]
+    assert off not in rec["levels"] and ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED in rec["levels"]
     assert False not in rec["arena"]
     # the observed ranges, hence every scale ModelOpt writes, are the same with constant folding
     _assert_same_scales(rec["scales"], upstream["scales"])
