@@ -30,14 +30,17 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      plain inference upstream, 1.2x with this patch; the BEVFormer-tiny qdq step (entropy, 8 frames) peaks at
      13.4 GB in 107 s (basic level: 13.5 GB, 116 s; without the arena: 11.9 GB, 115 s).
 
-  5. ModelOpt's "max" calibration (``MinMaxCalibrater.collect_data``) fetches every output of the calibration
-     session and, after every sample, merges the ranges in Python (a dict of lists, ``np.min`` per tensor, a
-     ``TensorData`` per tensor): about 0.5 ms a sample for 50 observed tensors, half a plain inference of a small
-     model. Inside the block it fetches only the reduced outputs and keeps elementwise running minima and maxima
-     in one numpy array; ModelOpt's own ``compute_data`` then runs once on them. Minimum of minima and maximum of
-     maxima are what the per-sample merge computes (also for symmetric ranges and for the tensors a Concat makes
-     share a range), so the scales are the same (tested, bit for bit); with ``moving_average`` (order-dependent)
-     or an augmentation it does not recognise it falls back to ModelOpt's loop.
+  5. ModelOpt's "max" calibration (``MinMaxCalibrater``) observes each tensor through a ReduceMin and a ReduceMax,
+     each reshaped to its own graph output, fetches every output of the session, and after every sample merges
+     the ranges in Python (a dict of lists, ``np.min`` per tensor, a ``TensorData`` per tensor): about 0.5 ms a
+     sample for 50 observed tensors, half a plain inference of a small model, plus a Reshape and an output to
+     convert per reduction. Inside the block the Reshapes are replaced by one Concat per rank and element type
+     (so a handful of outputs), only those are fetched, and elementwise running minima and maxima are kept in
+     one numpy array; ModelOpt's own ``compute_data`` then runs once on them, under the names it expects.
+     Minimum of minima and maximum of maxima are what the per-sample merge computes (also for symmetric ranges
+     and for the tensors a Concat makes share a range), so the scales are the same (tested, bit for bit). A
+     moving average (order-dependent), per-channel ranges or a model saved with external data keep onnxruntime's
+     augmentation; only the moving average also keeps ModelOpt's loop. Per-node calibration is ModelOpt's own.
 
 Not patched but handled by the caller (`run_in_private_dir`): ModelOpt rewrites its input file in place and drops
 ``sym_shape_infer_temp.onnx`` and ``<uuid>.data`` in the current directory, so it runs on a private copy with
@@ -188,10 +191,81 @@ def calibration_sessions_folded() -> Iterator[None]:
         cls.__init__ = original
 
 
-# -- patch 5: "max" calibration keeps running minima and maxima -------------------------------------------------
+# -- patch 5: "max" calibration gathers its reductions and keeps running minima and maxima ----------------------
 
 _MINMAX_COLLECTOR = ("modelopt.onnx.quantization.ort_patching", "_collect_data_minmax_calibrator")
 _REDUCED = ("_ReduceMin", "_ReduceMax")
+_GATHERED = "qdqkit_minmax_"
+
+
+def _gathering_augmenter(original: Any) -> Any:
+    """onnxruntime's ``MinMaxCalibrater.augment_graph``, then each reduction's Reshape-to-output replaced by one
+    Concat per rank and type (patch 5)."""
+
+    def augment_graph(calibrator: Any) -> None:
+        original(calibrator)
+        # a moving average needs ModelOpt's per-sample loop; per-channel ranges are not of shape [1] * rank; and a
+        # model saved with external data has handed its weights to that file, so it cannot be saved a second time
+        if getattr(calibrator, "moving_average", False) or getattr(calibrator, "per_channel", False) or \
+                getattr(calibrator, "use_external_data_format", False):
+            return
+        import onnx
+        from onnx import helper
+
+        graph = calibrator.model.graph
+        producer = {o: n for n in graph.node for o in n.output}
+        info = {v.name: v for v in (*graph.value_info, *graph.input, *graph.output)}
+        outputs = {o.name for o in graph.output}
+        groups: dict[tuple[int, int], list[tuple[str, str]]] = {}
+        dropped: set[int] = set()
+        for i, node in enumerate(graph.node):
+            if node.op_type != "Reshape" or node.output[0] not in outputs or not node.output[0].endswith(_REDUCED):
+                continue
+            reduce = producer.get(node.input[0])
+            if reduce is None or reduce.op_type not in ("ReduceMin", "ReduceMax") or len(reduce.input) != 1:
+                continue
+            t = info.get(reduce.input[0])
+            if t is None or not t.type.tensor_type.HasField("shape"):
+                continue  # rank unknown: keeps its own output
+            key = (len(t.type.tensor_type.shape.dim), t.type.tensor_type.elem_type)
+            groups.setdefault(key, []).append((node.output[0], node.input[0]))  # keepdims=1: shape [1] * rank
+            dropped.add(i)
+        if not groups:
+            return
+        calibrator.qdqkit_outputs = [o.name for o in graph.output]  # what the calibrator's arithmetic expects
+        kept = [n for i, n in enumerate(graph.node) if i not in dropped]
+        # the Reshapes' target shape, now unused (onnxruntime would warn about it on every session)
+        shapes = {graph.node[i].input[1] for i in dropped} - {x for n in kept for x in n.input}
+        kept_inits = [t for t in graph.initializer if t.name not in shapes]
+        del graph.initializer[:]
+        graph.initializer.extend(kept_inits)
+        gone = {name for members in groups.values() for name, _ in members}
+        kept_outputs = [o for o in graph.output if o.name not in gone]
+        gathered = []
+        for (rank, elem), members in groups.items():
+            name = f"{_GATHERED}{rank}_{elem}"
+            kept.append(helper.make_node("Concat", [r for _, r in members], [name], name=name, axis=0))
+            kept_outputs.append(helper.make_tensor_value_info(name, elem, [len(members)] + [1] * (rank - 1)))
+            gathered.append((name, [n for n, _ in members]))
+        del graph.node[:]
+        graph.node.extend(kept)
+        del graph.output[:]
+        graph.output.extend(kept_outputs)
+        calibrator.qdqkit_gathered = gathered
+        onnx.save(calibrator.model, calibrator.augmented_model_path)
+
+    augment_graph.qdqkit_original = original  # type: ignore[attr-defined]
+    return augment_graph
+
+
+class _Outputs:
+    """Stands in for the session in ModelOpt's ``compute_data``, which reads only the output names from it."""
+
+    def __init__(self, names: list[str]) -> None:
+        self._outputs = [type("Output", (), {"name": n})() for n in names]
+
+    def get_outputs(self) -> list[Any]:
+        return self._outputs
 
 
 def _running_minmax_collector(original: Any) -> Any:
@@ -201,11 +275,21 @@ def _running_minmax_collector(original: Any) -> Any:
 
     def collect_data(calibrator: Any, data_reader: Any) -> None:
         session = calibrator.infer_session
-        names = [o.name for o in session.get_outputs()]
+        present = [o.name for o in session.get_outputs()]
+        gathered = getattr(calibrator, "qdqkit_gathered", None) or []
+        names = getattr(calibrator, "qdqkit_outputs", None) or present
+        singles = [n for n in present if n.endswith(_REDUCED)]
+        fetch = [g for g, _ in gathered] + singles
+        order = [n for _, members in gathered for n in members] + singles
         added = [n for n in names if n not in calibrator.model_original_outputs]
-        # a moving average depends on the order of the samples, and an unknown augmentation on what it observes
-        if getattr(calibrator, "moving_average", False) or not all(n.endswith(_REDUCED) for n in added):
+        # a moving average depends on the order of the samples, and an augmentation not recognised here on what
+        # it observes: ModelOpt's own loop (which would not know the gathered outputs, hence the check)
+        if getattr(calibrator, "moving_average", False) or sorted(order) != sorted(added) or \
+                not all(n.endswith(_REDUCED) for n in added):
+            if gathered:
+                raise RuntimeError("qdqkit's gathered calibration outputs reached ModelOpt's own collector")
             return original(calibrator, data_reader)
+        sizes = [len(m) for _, m in gathered] + [1] * len(singles)
         lo: Any = None
         hi: Any = None
         flat = False
@@ -213,35 +297,40 @@ def _running_minmax_collector(original: Any) -> Any:
             inputs = data_reader.get_next()
             if not inputs:
                 break
-            # only the reduced outputs: the model's own outputs are never used by the calibrator
-            values = session.run(added, inputs)
+            values = session.run(fetch, inputs)  # only the reductions: the model's own outputs are never used
             if lo is None:
-                flat = all(v.shape == (1,) for v in values) and len({v.dtype for v in values}) == 1
-                if flat:
-                    lo = np.concatenate(values)
-                    hi = lo.copy()
+                flat = [v.size for v in values] == sizes and len({v.dtype for v in values}) == 1
+            if flat:
+                v = np.concatenate([x.reshape(-1) for x in values])
+                if lo is None:
+                    lo, hi = v, v.copy()
                 else:
-                    lo = [v.copy() for v in values]
-                    hi = [v.copy() for v in values]
-            elif flat:
-                v = np.concatenate(values)
-                np.minimum(lo, v, out=lo)
-                np.maximum(hi, v, out=hi)
+                    np.minimum(lo, v, out=lo)
+                    np.maximum(hi, v, out=hi)
+                continue
+            parts = [x.reshape(-1)[j:j + 1] for x, (_, m) in zip(values, gathered) for j in range(len(m))]
+            parts += values[len(gathered):]
+            if lo is None:
+                lo, hi = [x.copy() for x in parts], [x.copy() for x in parts]
             else:
-                for a, b, v in zip(lo, hi, values):
-                    np.minimum(a, v, out=a)
-                    np.maximum(b, v, out=b)
+                for a, b, x in zip(lo, hi, parts):
+                    np.minimum(a, x, out=a)
+                    np.maximum(b, x, out=b)
         if lo is None:
             return  # no sample: nothing recorded, as in ModelOpt's loop
         if flat:
-            lo = [lo[i:i + 1] for i in range(len(lo))]
+            lo = [lo[i:i + 1] for i in range(len(lo))]  # the shape onnxruntime's Reshape to [-1] gives
             hi = [hi[i:i + 1] for i in range(len(hi))]
         # The minimum over samples of each sample's minimum is the minimum over all of them (the same for maxima,
         # for absolute maxima and for the groups ModelOpt merges), so one pass of ModelOpt's own compute_data over
         # these records the ranges its per-sample merge would have.
-        reduced = {n: (a if n.endswith("_ReduceMin") else b) for n, a, b in zip(added, lo, hi)}
+        reduced = {n: (a if n.endswith("_ReduceMin") else b) for n, a, b in zip(order, lo, hi)}
         calibrator.intermediate_outputs = [[reduced.get(n) for n in names]]
-        ranges = calibrator.compute_data()
+        calibrator.infer_session = _Outputs(names)
+        try:
+            ranges = calibrator.compute_data()
+        finally:
+            calibrator.infer_session = session
         if not isinstance(ranges, TensorsData):
             raise TypeError(f"compute_data must return a TensorsData, not {type(ranges)}")
         calibrator.clear_collected_data()
@@ -252,17 +341,24 @@ def _running_minmax_collector(original: Any) -> Any:
 
 @contextlib.contextmanager
 def calibration_ranges_running() -> Iterator[None]:
-    """ModelOpt's "max" calibration inside the block keeps running minima and maxima (patch 5)."""
+    """ModelOpt's "max" calibration inside the block gathers its reductions into a few outputs and keeps running
+    minima and maxima (patch 5)."""
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+
     mod = importlib.import_module(_MINMAX_COLLECTOR[0])
-    current = getattr(mod, _MINMAX_COLLECTOR[1])
-    if hasattr(current, "qdqkit_original"):
+    collector = getattr(mod, _MINMAX_COLLECTOR[1])
+    augmenter = MinMaxCalibrater.augment_graph
+    if hasattr(collector, "qdqkit_original"):
         yield
         return
-    setattr(mod, _MINMAX_COLLECTOR[1], _running_minmax_collector(current))
+    setattr(mod, _MINMAX_COLLECTOR[1], _running_minmax_collector(collector))
+    # ModelOpt installs its own augment_graph only for per-node calibration, whose collector is not this one
+    MinMaxCalibrater.augment_graph = _gathering_augmenter(augmenter)
     try:
         yield
     finally:
-        setattr(mod, _MINMAX_COLLECTOR[1], current)
+        setattr(mod, _MINMAX_COLLECTOR[1], collector)
+        MinMaxCalibrater.augment_graph = augmenter
 
 
 @contextlib.contextmanager
