@@ -7,7 +7,9 @@
    of the same model (default session options, same kernels): the median of a block of runs taken before, between
    and after the two calibrations of each repeat, so both sides of a ratio see the same load. Each repeat gives
    one ratio slope / floor; the median over the repeats counts, and their spread is printed with it, as are
-   the load averages before and after. Target: slope <= 1.3 x floor. Also printed: the same inference without
+   the load averages before and after, the ratio taken from the medians of T(N1), T(N2) and the floor over all
+   repeats, and the ratio in process CPU time instead of wall time (less sensitive to other load; onnxruntime's
+   spinning threads count on both sides). Target: slope <= 1.3 x floor. Also printed: the same inference without
    graph optimizations (calibration must see every intermediate tensor, which rules out onnxruntime's fusions
    across them), and qdqkit's own share (reading one sample from a memory-mapped .npy folder through the
    calibration reader). --compare times, interleaved in the same repeats, ModelOpt without patch 5 and ModelOpt
@@ -51,15 +53,17 @@ def _registry():
     return s.custom_ops
 
 
-def _calibrate(model, source, registry, n: int, scales: dict | None = None) -> float:
+def _calibrate(model, source, registry, n: int, scales: dict | None = None, cpu: list | None = None) -> float:
     from qdqkit.calib import SampleReader
     from qdqkit.quant_backends import ModelOptBackend, QuantJob
 
     job = QuantJob(reader=SampleReader(source, 0, n), custom_ops=registry, calibration_method="max",
                    high_precision="fp32", nodes_to_exclude=[])
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     quantized = ModelOptBackend().quantize(model, job)
     seconds = time.perf_counter() - t
+    if cpu is not None:
+        cpu.append(time.process_time() - c)
     if scales is not None:
         from onnx import numpy_helper
 
@@ -94,13 +98,17 @@ def _variant(name: str):
         modelopt_compat.patched_modelopt = original
 
 
-def _plain_ms(sess, source, n: int, runs: int) -> float:
+def _plain_ms(sess, source, n: int, runs: int, cpu: list | None = None) -> float:
+    """Median wall time of one inference over a block of runs; the block's mean process CPU time to ``cpu``."""
     times = []
+    c = time.process_time()
     for i in range(runs):
         x = source.sample(i % n)
         t = time.perf_counter()
         sess.run(None, x)
         times.append(time.perf_counter() - t)
+    if cpu is not None:
+        cpu.append((time.process_time() - c) / runs * 1e3)
     return statistics.median(times) * 1e3
 
 
@@ -140,15 +148,20 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
     for r in range(repeats):
         for name in variants:
             order = (n1, n2) if r % 2 == 0 else (n2, n1)
-            plain, seconds = [_plain_ms(sess, source, n2, runs)], {}
+            plain_cpu: list[float] = []
+            plain, seconds, cpu = [_plain_ms(sess, source, n2, runs, plain_cpu)], {}, {}
             with _variant(name):
                 for n in order:
-                    seconds[n] = _calibrate(model, source, registry, n)
-                    plain.append(_plain_ms(sess, source, n2, runs))
+                    c: list[float] = []
+                    seconds[n] = _calibrate(model, source, registry, n, cpu=c)
+                    cpu[n] = c[0]
+                    plain.append(_plain_ms(sess, source, n2, runs, plain_cpu))
             plain_ms = statistics.median(plain)
             plain_all.extend(plain)
             slope_ms = (seconds[n2] - seconds[n1]) / (n2 - n1) * 1e3
+            cpu_slope_ms = (cpu[n2] - cpu[n1]) / (n2 - n1) * 1e3
             rows[name].append({"plain_ms": plain_ms, "per_sample_ms": slope_ms, "ratio": slope_ms / plain_ms,
+                               "cpu_ratio": cpu_slope_ms / statistics.median(plain_cpu), "seconds": seconds,
                                "fixed_overhead_s": seconds[n1] - n1 * slope_ms / 1e3,
                                "whole_N2_over_N2_plain": seconds[n2] * 1e3 / (n2 * plain_ms)})
         unfused_all.append(_plain_ms(unfused_sess, source, n2, runs))
@@ -176,6 +189,12 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
         rs = rows[name]
         out[name] = {
             "per_sample_over_plain": _spread([x["ratio"] for x in rs]),
+            # the same from the medians of T(N1), T(N2) and the plain runs over all repeats (one outlier moves it less)
+            "per_sample_over_plain_of_medians":
+                (statistics.median(x["seconds"][n2] for x in rs) - statistics.median(x["seconds"][n1] for x in rs))
+                / (n2 - n1) * 1e3 / plain_ms,
+            # process CPU time instead of wall time: less sensitive to the machine's other load
+            "per_sample_over_plain_cpu_time": _spread([x["cpu_ratio"] for x in rs]),
             "per_sample_ms": statistics.median(x["per_sample_ms"] for x in rs),
             "per_sample_over_plain_unfused":
                 statistics.median(x["per_sample_ms"] for x in rs) / statistics.median(unfused_all),
