@@ -130,7 +130,7 @@ def _conv_mlp_model() -> onnx.ModelProto:
 _SAMPLES = 8
 
 
-def _quantize_recording(tmp_path, fold: bool, running: bool) -> dict:
+def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = False) -> dict:
     """Quantize the test model ("max" calibration) with the given patches; record what the calibration did."""
     import numpy as np
     import onnxruntime as ort
@@ -167,7 +167,8 @@ def _quantize_recording(tmp_path, fold: bool, running: bool) -> dict:
             data *= np.linspace(0.5, 2.0, _SAMPLES, dtype="float32")[:, None, None, None]  # every sample counts
             quantize(onnx_path=str(d / "m.onnx"), quantize_mode="int8", calibration_data={"x": data},
                      calibration_method="max", calibration_eps=["cpu"], high_precision_dtype="fp32",
-                     dq_only=False, output_path=str(d / "q.onnx"), log_level="ERROR")
+                     dq_only=False, output_path=str(d / "q.onnx"), log_level="ERROR",
+                     use_external_data_format=external)
             q = onnx.load(str(d / "q.onnx"))
     finally:
         ort.InferenceSession.__init__, ort.InferenceSession.run = original_init, original_run
@@ -218,4 +219,12 @@ def test_max_calibration_merges_ranges_per_sample_upstream_and_keeps_running_one
 
 def test_calibration_as_shipped_gives_modelopts_scales(tmp_path, upstream):
     rec = _quantize_recording(tmp_path, fold=True, running=True)
+    _assert_same_scales(rec["scales"], upstream["scales"])
+
+
+def test_max_calibration_with_external_data_keeps_one_output_per_reduction(tmp_path, upstream):
+    # a model saved with external data cannot be re-saved after augmentation: the running ranges alone
+    rec = _quantize_recording(tmp_path, fold=True, running=True, external=True)
+    assert rec["compute_data"] == 2 and len(rec["fetched"]) == _SAMPLES
+    assert all(f and all(n.endswith(("_ReduceMin", "_ReduceMax")) for n in f) for f in rec["fetched"])
     _assert_same_scales(rec["scales"], upstream["scales"])
