@@ -27,8 +27,8 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      no time gain. The same sessions also switch onnxruntime's CPU memory arena off, so every activation is a
      fresh allocation (page faults in proportion to the data); the arena is switched back on. Measured
      (benchmarks/qdq_calibration.py, RESULTS.md): per-sample calibration cost on the 64x64 test model 2.8x one
-     plain inference upstream, 1.2x with this patch; the BEVFormer-tiny qdq step (entropy, 8 frames) peaks at
-     13.4 GB in 107 s (basic level: 13.5 GB, 116 s; without the arena: 11.9 GB, 115 s).
+     plain inference upstream, 1.3x with this patch, 1.2x with patch 5 too; the BEVFormer-tiny qdq step
+     (entropy, 8 frames) peaks at 13.4 GB in 107 s (basic level: 13.5 GB, 116 s; no arena: 11.9 GB, 115 s).
 
   5. ModelOpt's "max" calibration (``MinMaxCalibrater``) observes each tensor through a ReduceMin and a ReduceMax,
      each reshaped to its own graph output, fetches every output of the session, and after every sample merges
