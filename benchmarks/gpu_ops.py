@@ -212,15 +212,22 @@ def bench_msda(bw, quick=False):
                 ks = [lambda s=s, st=strategy: cuda.ms_deform_attn(s[0], dev_sh, s[1], s[2], s[3], out=s[4],
                                                                     strategy=st) for s in sets]
                 forms[strategy] = time_graph(ks)[0]
+            ks = [lambda s=s: cuda.ms_deform_attn(s[0], dev_sh, s[1], s[2], s[3], out=s[4], strategy="global",
+                                                  _coop=False) for s in sets]
+            forms["lanes"] = time_graph(ks)[0]
+            ks = [lambda s=s: cuda.ms_deform_attn(s[0], dev_sh, s[1], s[2], s[3], out=s[4], strategy="global",
+                                                  _coop=True) for s in sets]
+            forms["coop"] = time_graph(ks)[0]
             scales = [torch.tensor([w_, h_], dtype=dt, device="cuda") for h_, w_ in shapes_hw]
             form = [lambda s=s: msda_formulation(s[0], shapes_hw, s[1], s[2], s[3], scales) for s in sets]
             t_f, _ = time_graph(form, reps=10)
+            t_fe = time_eager(form, reps=5)
             proj = [lambda s=s: torch_ops.ms_deform_attn_torch(s[0], dev_sh, s[1], s[2], s[3]) for s in sets[:4]]
             t_p = time_eager(proj, reps=5)
             target = max(4 * floor, 10.0)
             record(op="msda", case=name, dtype=str(dt).split(".")[-1], sets=k, bytes=set_bytes, floor_us=floor,
                    kernel_us=t_k, kernel_us_repeat=t_k2, kernel_eager_us=t_eager, global_us=forms["global"],
-                   smem_us=forms["smem"], formulation_us=t_f,
+                   smem_us=forms["smem"], lanes_us=forms["lanes"], coop_us=forms["coop"], formulation_us=t_f, formulation_eager_us=t_fe,
                    project_torch_us=t_p, target_us=target, within_target=t_k <= target,
                    speedup_vs_formulation=t_f / t_k, meets_25x=t_f / t_k >= 25)
             del sets
@@ -248,9 +255,17 @@ def bench_msda(bw, quick=False):
                                                                      out_scale=0.01, out=s[4], strategy=st)
                   for s in sets]
             forms[strategy] = time_graph(ks)[0]
+        ks = [lambda s=s: cuda.ms_deform_attn_int8(s[0], dev_sh, s[1], s[2], s[3], value_scale=0.02, offset_scale=0.05,
+                                                   weight_scale=0.03, out_scale=0.01, out=s[4], strategy="global",
+                                                   _coop=False) for s in sets]
+        forms["lanes"] = time_graph(ks)[0]
+        ks = [lambda s=s: cuda.ms_deform_attn_int8(s[0], dev_sh, s[1], s[2], s[3], value_scale=0.02, offset_scale=0.05,
+                                                   weight_scale=0.03, out_scale=0.01, out=s[4], strategy="global",
+                                                   _coop=True) for s in sets]
+        forms["coop"] = time_graph(ks)[0]
         record(op="msda", case=name, dtype="int8", sets=k, bytes=set_bytes, floor_us=floor, kernel_us=t_k,
                kernel_us_repeat=t_k2, kernel_eager_us=time_eager(kern), global_us=forms["global"],
-               smem_us=forms["smem"], formulation_us=None, project_torch_us=None,
+               smem_us=forms["smem"], lanes_us=forms["lanes"], coop_us=forms["coop"], formulation_us=None, project_torch_us=None,
                target_us=max(4 * floor, 10.0), within_target=t_k <= max(4 * floor, 10.0),
                speedup_vs_formulation=None, meets_25x=None)
         del sets
@@ -272,6 +287,9 @@ def bench_msda_vec_sweep():
                              (inp.value, inp.reference_points, inp.sampling_offsets, inp.attention_weights)]
                             + [torch.empty(B, Q, M, D, dtype=dt, device="cuda")])
             sh = torch.tensor(shapes, device="cuda")
+            ks = [lambda s=s: cuda.ms_deform_attn(s[0], sh, s[1], s[2], s[3], out=s[4], strategy="global") for s in sets]
+            SWEEP.append({"case": name, "dtype": str(dt).split(".")[-1], "vec": "co", "form": "global",
+                          "us": time_graph(ks)[0]})
             for vec in vecs:
                 for strategy in ("global", "smem"):
                     if strategy == "smem" and sum(h * w for h, w in shapes) * D * sets[0][0].element_size() > 200 * 1024:
@@ -298,12 +316,14 @@ def bench_rotate(bw):
             t_k, t_k2 = time_graph(kern)
             form = [lambda s=s: rotate_formulation(s[0], s[1], s[2], mode) for s in sets]
             t_f, _ = time_graph(form, reps=10)
+            t_fe = time_eager(form, reps=5)
             proj = [lambda s=s: torch_ops.rotate_torch(s[0], s[1], s[2], mode) for s in sets[:4]]
             t_p = time_eager(proj, reps=5)
             target = max(4 * floor, 10.0)
             record(op="rotate", case="nearest" if mode == 1 else "bilinear", dtype=str(dt).split(".")[-1], sets=k,
                    bytes=set_bytes, floor_us=floor, kernel_us=t_k, kernel_us_repeat=t_k2,
-                   kernel_eager_us=time_eager(kern), formulation_us=t_f, project_torch_us=t_p, target_us=target,
+                   kernel_eager_us=time_eager(kern), formulation_us=t_f, formulation_eager_us=t_fe,
+                   project_torch_us=t_p, target_us=target,
                    within_target=t_k <= target, speedup_vs_formulation=t_f / t_k, meets_25x=t_f / t_k >= 25)
 
 
@@ -427,19 +447,24 @@ def main(argv=None):
           f"fp32 {rates['fp32'] / 1e12:.0f} TFLOP/s; a one-element kernel in a graph {head['launch_floor_us']:.1f} us; "
           f"{time.time() - t0:.0f} s")
     print(f"{'op':6} {'case':12} {'dtype':7} {'floor':>7} {'kernel':>8} {'(rep)':>7} {'global':>7} {'smem':>7} "
-          f"{'eager':>7} {'form.':>8} {'proj.':>8} {'x form':>7} {'target':>7} ok")
+          f"{'lanes':>7} {'coop':>7} "
+          f"{'eager':>7} {'form.':>8} {'f.eager':>8} {'proj.':>8} {'x form':>7} {'target':>7} ok")
     for r in RESULTS:
         ok = r.get("within_target", r.get("within_4x_floor"))
         if r.get("meets_25x") is not None:
             ok = ok and r["meets_25x"]
         print(f"{r['op']:6} {r['case']:12} {r['dtype']:7} {fmt(r['floor_us'])} {fmt(r['kernel_us']):>8} "
               f"{fmt(r['kernel_us_repeat']):>7} {fmt(r.get('global_us')):>7} {fmt(r.get('smem_us')):>7} "
+              f"{fmt(r.get('lanes_us')):>7} {fmt(r.get('coop_us')):>7} "
               f"{fmt(r.get('kernel_eager_us', r.get('direct_kernel_us'))):>7} "
-              f"{fmt(r['formulation_us']):>8} {fmt(r.get('project_torch_us', r.get('torchvision_us'))):>8} "
+              f"{fmt(r['formulation_us']):>8} {fmt(r.get('formulation_eager_us')):>8} "
+              f"{fmt(r.get('project_torch_us', r.get('torchvision_us'))):>8} "
               f"{fmt(r['speedup_vs_formulation']):>7} {fmt(r.get('target_us')):>7} {ok}")
     print("times in us per call (median of CUDA-event timings over graph replays; eager includes Python launch; "
+          "f.eager = the formulation in an eager loop; "
           "proj. = torch_ops plain-PyTorch forward eager, or torchvision deform_conv2d for dcn; dcn 'eager' column = "
-          "direct single kernel; kernel = auto form, global/smem = each MSDA form forced)")
+          "direct single kernel; kernel = auto form, global/smem = each MSDA form forced; lanes / coop = the global form with the per-lane / the "
+          "cooperative D = 32 kernels forced)")
     return 0
 
 

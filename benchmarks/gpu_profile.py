@@ -1,4 +1,4 @@
-"""Runs each MSDA form once at the BEVFormer-tiny shapes, for Nsight Compute to profile (see gpu_run.sh, stage ncu).
+"""Runs each MSDA form (and the INT8 kernel) once at the BEVFormer-tiny shapes, for Nsight Compute to profile (see gpu_run.sh, stage ncu).
 
 Not a timing script: ncu replays each kernel and reports throughput and occupancy figures that say what bounds
 it (issue, latency, L1/shared memory, L2 or DRAM).
@@ -21,5 +21,11 @@ for name in ("tsa", "sca", "decoder"):
             if strategy == "smem" and sum(h * w for h, w in shapes) * D * args[0].element_size() > 200 * 1024:
                 continue
             cuda.ms_deform_attn(*args, strategy=strategy)
+        cuda.ms_deform_attn(*args, strategy="global", _coop=False)
+    q8 = [torch.tensor(np.clip(np.rint(a / (np.abs(a).max() / 127)), -128, 127).astype(np.int8), device="cuda")
+          for a in (inp.value, inp.sampling_offsets, inp.attention_weights)]
+    cuda.ms_deform_attn_int8(q8[0], torch.tensor(inp.spatial_shapes, device="cuda"),
+                             torch.tensor(inp.reference_points, dtype=torch.float32, device="cuda"), q8[1], q8[2],
+                             value_scale=0.02, offset_scale=0.05, weight_scale=0.03, out_scale=0.01)
 torch.cuda.synchronize()
 print("profiled kernels ran")

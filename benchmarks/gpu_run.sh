@@ -40,6 +40,12 @@ if has build; then
     for k in msda_fp16_v8 msda_fp32_v4 msda_int8_v8; do
       echo "$k: $(cuobjdump -sass -fun $k /tmp/msda.cubin | grep -oE '(LDG|STG)\.E[.A-Z0-9]*' | sort | uniq -c | tr '\n' ' ')"
     done
+    # instruction mix of the kernels BEVFormer runs (static counts: the unrolled bodies)
+    for k in msda_co_lp8_fp16 msda_co_lp4_fp16 msda_co_lp8_fp32 msda_co_lp8_int8 msda_lp8_fp16_v16 msda_lp8_int8_v8; do
+      cuobjdump -sass -fun $k /tmp/msda.cubin > /tmp/$k.sass
+      echo "$k: $(grep -cE '^ +/\*[0-9a-f]{4}\*/' /tmp/$k.sass) instructions;" \
+        "$(grep -oE '^ +/\*[0-9a-f]{4}\*/ +(@!?U?P[0-9T] +)?[A-Z0-9]+' /tmp/$k.sass | awk '{print $NF}' | sort | uniq -c | sort -rn | head -14 | awk '{printf "%s %s, ", $2, $1}')"
+    done
   } 2>&1 | tee "$OUT/build.log" | tail -20
 fi
 
@@ -53,22 +59,28 @@ fi
 if has sanitize; then
   timeout 240 compute-sanitizer --tool memcheck --print-limit 5 python3 -m pytest -c "$REPO/pyproject.toml" \
     --rootdir "$REPO" -q -x -p no:cacheprovider "$REPO/tests/custom_ops/test_cuda_msda.py" \
-    -k "odd or border or misaligned" 2>&1 | tee "$OUT/sanitize.log" | tail -8
+    -k "odd or border or misaligned or tail" 2>&1 | tee "$OUT/sanitize.log" | tail -8
 fi
 
 if has ncu; then
   M=gpu__time_duration.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__throughput.avg.pct_of_peak_sustained_active,lts__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active
   timeout 150 ncu --clock-control none --metrics $M -k regex:msda --csv python3 "$REPO/benchmarks/gpu_profile.py" \
     > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+  # where the instructions and the loads go: counts per kernel, L1 sectors per request and hit rate, stall reasons
+  M2=smsp__inst_executed.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sector_hit_rate.pct,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_wait_per_issue_active.ratio
+  timeout 150 ncu --clock-control none --metrics $M2 -k regex:msda --csv python3 "$REPO/benchmarks/gpu_profile.py" \
+    > "$OUT/ncu2.csv" 2> "$OUT/ncu2.err" && cat "$OUT/ncu2.csv" >> "$OUT/ncu.csv"
   python3 - "$OUT/ncu.csv" <<'PY' | tee "$OUT/ncu.log"
 import csv, sys
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-head, body = rows[0], rows[1:]
+head = rows[0]
+body = [r for r in rows[1:] if r != head]
 k, n, v = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
 ids = head.index("ID")
 table = {}
 for r in body:
-    table.setdefault((r[ids], r[k]), {})[r[n].split("__")[1].split(".")[0]] = r[v]
+    metric = r[n].split("__", 1)[1].split(".")[0].replace("average_warps_issue_stalled_", "stall_")
+    table.setdefault((r[ids], r[k]), {})[metric] = r[v]
 for (i, name), m in table.items():
     print(f"{name[:26]:26}", " ".join(f"{a}={b}" for a, b in m.items()))
 PY

@@ -278,8 +278,28 @@ def _msda_plan(B, S, M, D, Q, L, P, esize, device, strategy: str):
 _WIDE_VEC = {("fp16", 8): 16, ("fp16", 4): 8, ("fp32", 8): 8, ("fp32", 4): 4}
 
 
+# The cooperative D = 32 kernels (msda_co_*, see msda.cu) against the per-lane ones, measured on an H100 at the
+# BEVFormer-tiny shapes (benchmarks/GPU_NOTES.md): faster for the temporal self-attention (40,000 (b,q,m)
+# groups) and the spatial cross-attention (120,000), in every type; not for the decoder (7,200 groups: too
+# little work to hide the extra shuffle round trips, 5.4 against 5.0 us in fp16).
+COOP_MIN_GROUPS = 16384
+_COOP_POINTS = {"fp16": (4, 8), "fp32": (4, 8), "int8": (4, 8)}
+
+
+def use_coop(kind: str, D, L, P, groups: Optional[int]) -> bool:
+    """Whether a call takes the cooperative kernels by default: D = 32, one level, 4 or 8 points, and at least
+    :data:`COOP_MIN_GROUPS` (b, q, m) groups (``groups`` None: unknown, counted as enough)."""
+    return (D == 32 and L == 1 and P in _COOP_POINTS[kind]
+            and (groups is None or groups >= COOP_MIN_GROUPS))
+
+
+def _coop_ok(D, L, P, value, form) -> bool:
+    """Whether the cooperative kernels can serve this call at all (a forced ``_coop=True`` included)."""
+    return form == "global" and D == 32 and L == 1 and P in (4, 8) and value.numel() < 2**31
+
+
 def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, attention_weights, *, out=None,
-                   strategy: str = "auto", _vec: Optional[int] = None):
+                   strategy: str = "auto", _vec: Optional[int] = None, _coop: Optional[bool] = None):
     """MultiScaleDeformableAttnTRT(2) on CUDA tensors (fp32 or fp16; softmax of the logits inside).
 
     value [B,S,M,D], spatial_shapes int [L,2] (H,W), reference_points [B,Q,1,2G], sampling_offsets
@@ -287,6 +307,8 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
     Float inputs are cast to value's dtype. ``out`` optionally names a contiguous output buffer. ``strategy``
     picks the kernel form: "global" gathers corners through the caches, "smem" stages each (batch, head) value
     slice in shared memory first; "auto" is "global", the faster of the two at every BEVFormer shape measured.
+    Within "global", single-level calls with D = 32, 4 or 8 points and enough (b, q, m) groups take the
+    cooperative kernels (:func:`use_coop`); ``_vec`` and ``_coop`` force a kernel, for tests and benchmarks.
     """
     _check_cuda("ms_deform_attn", value, reference_points, sampling_offsets, attention_weights)
     kind = _float_dtype("ms_deform_attn", value)
@@ -308,6 +330,12 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
             vec = cand
             break
     form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, esize, value.device, strategy)
+    narrow = 8 if kind == "fp16" else 4
+    coop = _coop if _coop is not None else (_vec is None and use_coop(kind, D, L, P, B * Q * M))
+    if coop and vec == narrow and _coop_ok(D, L, P, value, form):
+        _launch("msda", f"msda_co_lp{P}_{kind}", _grid1(B * Q * M * (D // vec)),
+                (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, out), value.device)
+        return out
     prefix = _fast_prefix(L, P, vec in (4, 8) and value.numel() < 2**31, aw, off)
     if prefix:
         wide = _WIDE_VEC[(kind, P)] if _vec is None else int(_vec)
@@ -339,7 +367,7 @@ def _float_bits(x: float) -> int:
 
 def ms_deform_attn_int8(value, spatial_shapes, reference_points, sampling_offsets, attention_weights, *,
                         value_scale: float, offset_scale: float, weight_scale: float, out_scale: float,
-                        out=None, strategy: str = "auto"):
+                        out=None, strategy: str = "auto", _coop: Optional[bool] = None):
     """INT8 MultiScaleDeformableAttn as the TensorRT plugin takes it: int8 value, offsets and weights with
     per-tensor scales (real = scale * int8), fp32 reference points; returns int8 [B,Q,M,D] quantised with
     ``out_scale`` (round half to even, saturating to [-128, 127]). Needs D % 8 == 0.
@@ -374,6 +402,11 @@ def ms_deform_attn_int8(value, spatial_shapes, reference_points, sampling_offset
     scales = (_float_bits(value_scale), _float_bits(offset_scale), _float_bits(weight_scale),
               _float_bits(out_scale))
     form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, 1, value.device, strategy)
+    coop = _coop if _coop is not None else use_coop("int8", D, L, P, B * Q * M)
+    if coop and _coop_ok(D, L, P, value, form):
+        _launch("msda", f"msda_co_lp{P}_int8", _grid1(B * Q * M * (D // 8)),
+                (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, *scales, out), value.device)
+        return out
     name = f"{_fast_prefix(L, P, value.numel() < 2**31, aw, off)}int8_v8"
     if form == "smem":
         _launch("msda", f"msda_smem_{name}", grid,

@@ -12,7 +12,7 @@
 // and the sampling locations are recomputed by each thread of the group: a handful of L1-broadcast loads,
 // cheaper than a shared-memory exchange and a barrier.
 //
-// Two forms of each kernel:
+// Three forms (the cooperative one, for D = 32 single-level calls, is at the end of this file: msda_co_*):
 //  * msda_<type>_v<VEC>: corners are gathered from global memory (through L1/L2). Any size.
 //  * msda_smem_<type>_v<VEC>: a block owns one (b, m) and a chunk of `qchunk` queries; it first copies
 //    value[b, :, m, :] (S*D elements) into shared memory, then gathers corners from there. This trades one
@@ -82,23 +82,43 @@ __device__ __forceinline__ void qk_load_run(const T* __restrict__ p, float* dst)
 #pragma unroll
     for (int i = 0; i < N; i += CH) {
         const QkVec<T, CH> v = *reinterpret_cast<const QkVec<T, CH>*>(p + i);
+        if constexpr (sizeof(T) == 1 && CH % 4 == 0) {
+            const unsigned int* w = reinterpret_cast<const unsigned int*>(&v);
 #pragma unroll
-        for (int k = 0; k < CH; ++k) dst[i + k] = qk_ld(&v.v[k]);
+            for (int k = 0; k < CH / 4; ++k) qk_i8x4_to_f32(w[k], dst + i + 4 * k);
+        } else {
+#pragma unroll
+            for (int k = 0; k < CH; ++k) dst[i + k] = qk_ld(&v.v[k]);
+        }
     }
 }
+
+// How a thread's VEC channels lie in a row of D: as U chunks of CH consecutive channels (one 16-byte load
+// each), chunk u of lane t of the group at channel (u * D/VEC + t) * CH. With U > 1 the lanes of a group thus
+// read adjacent 16-byte pieces in each load instruction, so one instruction of a warp touches whole 32-byte
+// sectors (lanes owning VEC consecutive channels would touch every sector of a corner twice, half each time).
+template <typename TV, int VEC>
+struct MsdaSplit {
+    static constexpr int CH = (VEC * (int)sizeof(TV) > 16) ? 16 / (int)sizeof(TV) : VEC;
+    static constexpr int U = VEC / CH;
+};
 
 // The single-level case with a compile-time point count LP (every BEVFormer call: L = 1, P = 4 or 8).
 // Logits and offsets of the (b,q,m) arrive in a few vector loads, the softmax runs in registers, and the
 // fully unrolled point loop lets the compiler put the corner loads of several points in flight at once (the
 // generic loop waits one memory latency per point). Index arithmetic is 32-bit: the caller guarantees that
-// value has fewer than 2^31 elements. For fp16 x8 the four corners of a point are combined with packed half2
-// FMAs (the TRT2 plugin's half2 arithmetic: one instruction per channel pair, no conversions) and each point's
-// sample is then added to fp32 accumulators, so the sum over points keeps fp32 precision.
+// value has fewer than 2^31 elements. `cstride` is the distance between the thread's channel chunks
+// (MsdaSplit). For fp16 the four corners of a point are combined with packed half2 FMAs (the TRT2 plugin's
+// half2 arithmetic: one instruction per channel pair, no conversions) and each point's sample is then added
+// to fp32 accumulators, so the sum over points keeps fp32 precision. INT8 values are widened exactly with
+// qk_i8x4_to_f32 (no conversion instructions) and combined in fp32.
 template <typename TV, typename TR, typename TP, int VEC, bool QUANT, int LP>
-__device__ __forceinline__ void msda_accumulate_fast(const TV* vsrc, int row, int H, int W,
+__device__ __forceinline__ void msda_accumulate_fast(const TV* vsrc, int row, int cstride, int H, int W,
                                                      const TR* __restrict__ refp, const TP* __restrict__ offp,
                                                      const TP* __restrict__ awp, int G, float so, float sa,
                                                      float sv, float* acc) {
+    using Split = MsdaSplit<TV, VEC>;
+    const unsigned int rowb = (unsigned int)row * sizeof(TV);
     float a[LP], o[2 * LP];
     qk_load_run<TP, LP>(awp, a);
     qk_load_run<TP, 2 * LP>(offp, o);
@@ -114,6 +134,7 @@ __device__ __forceinline__ void msda_accumulate_fast(const TV* vsrc, int row, in
         a[j] = __expf(a[j] - mx);
         den += a[j];
     }
+    // the value scale of the int8 form is folded into the attention weight once per sample
     const float inv_den = (QUANT ? sv : 1.f) / den;
     int g = 0;
 #pragma unroll
@@ -134,19 +155,18 @@ __device__ __forceinline__ void msda_accumulate_fast(const TV* vsrc, int row, in
                             inside && oky1 && okx1};
         const int base = y0 * W + x0;
         const int idx[4] = {base, base + 1, base + W, base + W + 1};
-        if constexpr (sizeof(TV) == 2 && VEC % 8 == 0) {
-            constexpr int U = VEC / 8;  // 16-byte loads per corner
+        if constexpr (sizeof(TV) == 2 && Split::CH == 8) {
             unsigned int s2[VEC / 2];
 #pragma unroll
             for (int i = 0; i < VEC / 2; ++i) s2[i] = 0u;
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
                 if (ok[k]) {
-                    const uint4* src = reinterpret_cast<const uint4*>(vsrc + idx[k] * row);
+                    const TV* src = qk_row_ptr(vsrc, idx[k], rowb);
                     const unsigned int c2 = qk_h2_splat(cw[k]);
 #pragma unroll
-                    for (int u = 0; u < U; ++u) {
-                        const uint4 v = src[u];
+                    for (int u = 0; u < Split::U; ++u) {
+                        const uint4 v = *reinterpret_cast<const uint4*>(src + u * cstride);
                         s2[4 * u + 0] = qk_h2_fma(c2, v.x, s2[4 * u + 0]);
                         s2[4 * u + 1] = qk_h2_fma(c2, v.y, s2[4 * u + 1]);
                         s2[4 * u + 2] = qk_h2_fma(c2, v.z, s2[4 * u + 2]);
@@ -161,15 +181,33 @@ __device__ __forceinline__ void msda_accumulate_fast(const TV* vsrc, int row, in
                 acc[2 * i] += lo;
                 acc[2 * i + 1] += hi;
             }
+        } else if constexpr (sizeof(TV) == 1 && VEC == 8) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                if (ok[k]) {
+                    const uint2 v = *reinterpret_cast<const uint2*>(qk_row_ptr(vsrc, idx[k], rowb));
+                    float f[8];
+                    qk_i8x4_to_f32(v.x, f);
+                    qk_i8x4_to_f32(v.y, f + 4);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[i] = fmaf(cw[k], f[i], acc[i]);
+                }
+            }
         } else {
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
                 if (ok[k]) {
-                    const QkVec<TV, VEC> v = *reinterpret_cast<const QkVec<TV, VEC>*>(vsrc + idx[k] * row);
-                    float f[VEC];
-                    qk_unpack<TV, VEC>(v, f);
+                    const TV* src = qk_row_ptr(vsrc, idx[k], rowb);
 #pragma unroll
-                    for (int i = 0; i < VEC; ++i) acc[i] = fmaf(cw[k], f[i], acc[i]);
+                    for (int u = 0; u < Split::U; ++u) {
+                        const QkVec<TV, Split::CH> v =
+                            *reinterpret_cast<const QkVec<TV, Split::CH>*>(src + u * cstride);
+                        float f[Split::CH];
+                        qk_unpack<TV, Split::CH>(v, f);
+#pragma unroll
+                        for (int i = 0; i < Split::CH; ++i)
+                            acc[u * Split::CH + i] = fmaf(cw[k], f[i], acc[u * Split::CH + i]);
+                    }
                 }
             }
         }
@@ -177,15 +215,19 @@ __device__ __forceinline__ void msda_accumulate_fast(const TV* vsrc, int row, in
 }
 
 template <typename TV, int VEC, bool QUANT>
-__device__ __forceinline__ void msda_store(TV* dst, const float* acc, float inv_sout) {
-    QkVec<TV, VEC> o;
-    if constexpr (QUANT) {
+__device__ __forceinline__ void msda_store(TV* dst, int cstride, const float* acc, float inv_sout) {
+    using Split = MsdaSplit<TV, VEC>;
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) o.v[i] = (TV)qk_quantize_i8(acc[i] * inv_sout);
-    } else {
-        qk_pack<TV, VEC>(acc, o);
+    for (int u = 0; u < Split::U; ++u) {
+        QkVec<TV, Split::CH> o;
+        if constexpr (QUANT) {
+#pragma unroll
+            for (int i = 0; i < Split::CH; ++i) o.v[i] = (TV)qk_quantize_i8(acc[u * Split::CH + i] * inv_sout);
+        } else {
+            qk_pack<TV, Split::CH>(acc + u * Split::CH, o);
+        }
+        *reinterpret_cast<QkVec<TV, Split::CH>*>(dst + u * cstride) = o;
     }
-    *reinterpret_cast<QkVec<TV, VEC>*>(dst) = o;
 }
 
 template <typename TV, typename TR, typename TP, int VEC, bool QUANT, int FAST_LP>
@@ -194,11 +236,14 @@ __device__ __forceinline__ void msda_global(const TV* __restrict__ value, const 
                                             const TP* __restrict__ aw, int B, int S, int M, int D, int Q, int L,
                                             int P, int G, float sv, float so, float sa, float inv_sout,
                                             TV* __restrict__ out) {
+    using Split = MsdaSplit<TV, VEC>;
+    static_assert(FAST_LP > 0 || Split::U == 1, "the generic kernels own VEC consecutive channels");
     const int tpg = D / VEC;
     const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long total = (long long)B * Q * M * tpg;
     if (tid >= total) return;
-    const int c = (int)(tid % tpg) * VEC;
+    const int c = (int)(tid % tpg) * Split::CH;
+    const int cstride = tpg * Split::CH;
     const long long bqm = tid / tpg;
     const int m = (int)(bqm % M);
     const long long bq = bqm / M;
@@ -210,7 +255,8 @@ __device__ __forceinline__ void msda_global(const TV* __restrict__ value, const 
     const long long row = (long long)M * D;
     const TV* vsrc = value + (long long)b * S * row + (long long)m * D + c;
     if constexpr (FAST_LP > 0) {
-        msda_accumulate_fast<TV, TR, TP, VEC, QUANT, FAST_LP>(vsrc, (int)row, (int)shapes[0], (int)shapes[1],
+        msda_accumulate_fast<TV, TR, TP, VEC, QUANT, FAST_LP>(vsrc, (int)row, cstride, (int)shapes[0],
+                                                              (int)shapes[1],
                                                               ref + bq * (long long)(2 * G),
                                                               off + bqm * (long long)LP * 2, aw + bqm * LP, G, so,
                                                               sa, sv, acc);
@@ -219,7 +265,7 @@ __device__ __forceinline__ void msda_global(const TV* __restrict__ value, const 
                                                 off + bqm * (long long)LP * 2, aw + bqm * LP, L, P, G, so, sa, sv,
                                                 acc);
     }
-    msda_store<TV, VEC, QUANT>(out + bqm * D + c, acc, inv_sout);
+    msda_store<TV, VEC, QUANT>(out + bqm * D + c, cstride, acc, inv_sout);
 }
 
 template <typename TV, typename TR, typename TP, int VEC, bool QUANT, int FAST_LP>
@@ -244,7 +290,10 @@ __device__ __forceinline__ void msda_smem(const TV* __restrict__ value, const qk
     const int groups = blockDim.x / tpg;
     const int lane = threadIdx.x % tpg, grp = threadIdx.x / tpg;
     if (grp >= groups) return;
-    const int c = lane * VEC;
+    using Split = MsdaSplit<TV, VEC>;
+    static_assert(FAST_LP > 0 || Split::U == 1, "the generic kernels own VEC consecutive channels");
+    const int c = lane * Split::CH;
+    const int cstride = tpg * Split::CH;
     const int LP = L * P;
     const int H0 = (int)shapes[0], W0 = (int)shapes[1];
     const int q_end = min(Q, (blockIdx.x + 1) * qchunk);
@@ -255,7 +304,8 @@ __device__ __forceinline__ void msda_smem(const TV* __restrict__ value, const qk
 #pragma unroll
         for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
         if constexpr (FAST_LP > 0) {
-            msda_accumulate_fast<TV, TR, TP, VEC, QUANT, FAST_LP>(sval + c, D, H0, W0, ref + bq * (long long)(2 * G),
+            msda_accumulate_fast<TV, TR, TP, VEC, QUANT, FAST_LP>(sval + c, D, cstride, H0, W0,
+                                                                  ref + bq * (long long)(2 * G),
                                                                   off + bqm * (long long)LP * 2, aw + bqm * LP, G,
                                                                   so, sa, sv, acc);
         } else {
@@ -263,20 +313,20 @@ __device__ __forceinline__ void msda_smem(const TV* __restrict__ value, const qk
                                                     off + bqm * (long long)LP * 2, aw + bqm * LP, L, P, G, so, sa,
                                                     sv, acc);
         }
-        msda_store<TV, VEC, QUANT>(out + bqm * D + c, acc, inv_sout);
+        msda_store<TV, VEC, QUANT>(out + bqm * D + c, cstride, acc, inv_sout);
     }
 }
 
 // Kernel names: msda[_smem]_<type>_v<VEC> (any L and P) and msda[_smem]_lp<LP>_<type>_v<VEC> (L = 1 and
 // L*P = LP; logits and offsets read as 16-byte-aligned vector runs).
-#define QK_MSDA_FLOAT(NAME, T, VEC, LP)                                                                     \
-    extern "C" __global__ void __launch_bounds__(256) msda_##NAME(                                          \
+#define QK_MSDA_FLOAT(NAME, T, VEC, LP, MINB)                                                               \
+    extern "C" __global__ void __launch_bounds__(256, MINB) msda_##NAME(                                          \
         const T* value, const qk_i64* shapes, const T* ref, const T* off, const T* aw, int B, int S, int M,  \
         int D, int Q, int L, int P, int G, T* out) {                                                        \
         msda_global<T, T, T, VEC, false, LP>(value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, 1.f, 1.f,  \
                                              1.f, 1.f, out);                                                \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(256) msda_smem_##NAME(                                     \
+    extern "C" __global__ void __launch_bounds__(256, MINB) msda_smem_##NAME(                               \
         const T* value, const qk_i64* shapes, const T* ref, const T* off, const T* aw, int B, int S, int M,  \
         int D, int Q, int L, int P, int G, int qchunk, T* out) {                                            \
         msda_smem<T, T, T, VEC, false, LP>(value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, qchunk, 1.f,  \
@@ -284,33 +334,33 @@ __device__ __forceinline__ void msda_smem(const TV* __restrict__ value, const qk
     }
 
 // fp32: 4 channels (16 bytes) a thread when D % 4 == 0, else one channel a thread.
-QK_MSDA_FLOAT(fp32_v4, float, 4, 0)
-QK_MSDA_FLOAT(fp32_v1, float, 1, 0)
-QK_MSDA_FLOAT(lp4_fp32_v4, float, 4, 4)
-QK_MSDA_FLOAT(lp8_fp32_v4, float, 4, 8)
+QK_MSDA_FLOAT(fp32_v4, float, 4, 0, 4)
+QK_MSDA_FLOAT(fp32_v1, float, 1, 0, 4)
+QK_MSDA_FLOAT(lp4_fp32_v4, float, 4, 4, 4)
+QK_MSDA_FLOAT(lp8_fp32_v4, float, 4, 8, 4)
 // wider single-level forms: fewer threads share (and recompute) one (b,q,m)'s softmax and locations
-QK_MSDA_FLOAT(lp4_fp32_v8, float, 8, 4)
-QK_MSDA_FLOAT(lp8_fp32_v8, float, 8, 8)
-QK_MSDA_FLOAT(lp4_fp32_v16, float, 16, 4)
-QK_MSDA_FLOAT(lp8_fp32_v16, float, 16, 8)
+QK_MSDA_FLOAT(lp4_fp32_v8, float, 8, 4, 4)
+QK_MSDA_FLOAT(lp8_fp32_v8, float, 8, 8, 4)
+QK_MSDA_FLOAT(lp4_fp32_v16, float, 16, 4, 2)
+QK_MSDA_FLOAT(lp8_fp32_v16, float, 16, 8, 2)
 // fp16: 8 channels (16 bytes: four packed half2 pairs) a thread when D % 8 == 0, one half2 pair when D is
 // even, one channel otherwise. Arithmetic accumulates in fp32.
-QK_MSDA_FLOAT(fp16_v8, qk_half, 8, 0)
-QK_MSDA_FLOAT(fp16_v2, qk_half, 2, 0)
-QK_MSDA_FLOAT(fp16_v1, qk_half, 1, 0)
-QK_MSDA_FLOAT(lp4_fp16_v8, qk_half, 8, 4)
-QK_MSDA_FLOAT(lp8_fp16_v8, qk_half, 8, 8)
-QK_MSDA_FLOAT(lp4_fp16_v16, qk_half, 16, 4)
-QK_MSDA_FLOAT(lp8_fp16_v16, qk_half, 16, 8)
-QK_MSDA_FLOAT(lp4_fp16_v32, qk_half, 32, 4)
-QK_MSDA_FLOAT(lp8_fp16_v32, qk_half, 32, 8)
+QK_MSDA_FLOAT(fp16_v8, qk_half, 8, 0, 4)
+QK_MSDA_FLOAT(fp16_v2, qk_half, 2, 0, 4)
+QK_MSDA_FLOAT(fp16_v1, qk_half, 1, 0, 4)
+QK_MSDA_FLOAT(lp4_fp16_v8, qk_half, 8, 4, 4)
+QK_MSDA_FLOAT(lp8_fp16_v8, qk_half, 8, 8, 4)
+QK_MSDA_FLOAT(lp4_fp16_v16, qk_half, 16, 4, 4)
+QK_MSDA_FLOAT(lp8_fp16_v16, qk_half, 16, 8, 4)
+QK_MSDA_FLOAT(lp4_fp16_v32, qk_half, 32, 4, 2)
+QK_MSDA_FLOAT(lp8_fp16_v32, qk_half, 32, 8, 2)
 
 // INT8 variant, as the TensorRT plugin accepts it: value, offsets and weights are int8 with per-tensor scales,
 // reference points fp32, output int8 with its own scale. The four scales arrive as the bit patterns of fp32
 // values in int32 extras (TensorRT AOT extras are integers; aot_impl reads TensorDesc.scale at build time).
 // Dequantised maths is exactly the fp32 kernel's; the output is re-quantised with QuantizeLinear rounding.
 #define QK_MSDA_INT8(NAME, LP)                                                                              \
-    extern "C" __global__ void __launch_bounds__(256) msda_##NAME(                                          \
+    extern "C" __global__ void __launch_bounds__(256, 4) msda_##NAME(                                          \
         const signed char* value, const qk_i64* shapes, const float* ref, const signed char* off,            \
         const signed char* aw, int B, int S, int M, int D, int Q, int L, int P, int G, int value_scale_bits, \
         int offset_scale_bits, int weight_scale_bits, int out_scale_bits, signed char* out) {               \
@@ -319,7 +369,7 @@ QK_MSDA_FLOAT(lp8_fp16_v32, qk_half, 32, 8)
             qk_bits_to_float(offset_scale_bits), qk_bits_to_float(weight_scale_bits),                       \
             1.f / qk_bits_to_float(out_scale_bits), out);                                                   \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(256) msda_smem_##NAME(                                     \
+    extern "C" __global__ void __launch_bounds__(256, 4) msda_smem_##NAME(                                  \
         const signed char* value, const qk_i64* shapes, const float* ref, const signed char* off,            \
         const signed char* aw, int B, int S, int M, int D, int Q, int L, int P, int G, int qchunk,           \
         int value_scale_bits, int offset_scale_bits, int weight_scale_bits, int out_scale_bits,             \
@@ -333,3 +383,177 @@ QK_MSDA_FLOAT(lp8_fp16_v32, qk_half, 32, 8)
 QK_MSDA_INT8(int8_v8, 0)
 QK_MSDA_INT8(lp4_int8_v8, 4)
 QK_MSDA_INT8(lp8_int8_v8, 8)
+
+// Cooperative single-level form for D = 32 (every BEVFormer call). The TPG = 32/VEC lanes of a (b,q,m) group
+// split the preparation of its LP points (softmax, sampling location, corner weights, corner index): lane t
+// prepares points t, t+TPG, ..., the softmax max and sum are combined with butterfly shuffles, and each point's
+// corner weights and index are then broadcast from the lane that prepared it. Every lane thus loads one 16-byte
+// (8-byte for int8) piece of each corner, so the TPG lanes of a group read the whole 64-byte (fp16), 128-byte
+// (fp32) or 32-byte (int8) corner row in one load instruction, while the per-point arithmetic is done once per
+// group instead of once per lane. Corners with a zero weight (outside the map, or exactly on a grid line) are
+// not loaded. Idle lanes of the last warp shadow the last group so that every shuffle has the full warp.
+template <typename TV, typename TR, typename TP, int VEC, bool QUANT, int LP>
+__device__ __forceinline__ void msda_coop(const TV* __restrict__ value, const qk_i64* __restrict__ shapes,
+                                          const TR* __restrict__ ref, const TP* __restrict__ off,
+                                          const TP* __restrict__ aw, int B, int S, int M, int Q, int G, float sv,
+                                          float so, float sa, float inv_sout, TV* __restrict__ out) {
+    constexpr int D = 32;
+    constexpr int TPG = D / VEC;
+    constexpr int NP = (LP + TPG - 1) / TPG;
+    static_assert(32 % TPG == 0 && VEC * (int)sizeof(TV) <= 16, "one vector load per lane and corner");
+    const long long total = (long long)B * Q * M * TPG;
+    const long long tid0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool active = tid0 < total;
+    const long long tid = active ? tid0 : total - 1;
+    const int lane = (int)(tid % TPG);
+    const long long bqm = tid / TPG;
+    const int m = (int)(bqm % M);
+    const long long bq = bqm / M;
+    const int b = (int)(bq / Q);
+    const int H = (int)shapes[0], W = (int)shapes[1];
+    const TP* awp = aw + bqm * LP;
+    const TP* offp = off + bqm * (LP * 2);
+    const TR* refp = ref + bq * (2 * G);
+
+    // softmax over the group's LP logits, each lane holding its own points'
+    float e[NP];
+    float mx = -3.402823466e38f;
+#pragma unroll
+    for (int i = 0; i < NP; ++i) {
+        const int p = lane + TPG * i;
+        e[i] = p < LP ? msda_param<QUANT>(qk_ld(awp + p), sa) : -3.402823466e38f;
+        mx = fmaxf(mx, e[i]);
+    }
+#pragma unroll
+    for (int s = TPG / 2; s > 0; s /= 2) mx = fmaxf(mx, qk_shfl_xor(mx, s, TPG));
+    float den = 0.f;
+#pragma unroll
+    for (int i = 0; i < NP; ++i) {
+        e[i] = (lane + TPG * i) < LP ? __expf(e[i] - mx) : 0.f;
+        den += e[i];
+    }
+#pragma unroll
+    for (int s = TPG / 2; s > 0; s /= 2) den += qk_shfl_xor(den, s, TPG);
+    // the value scale of the int8 form is folded into the attention weight once per sample
+    const float inv_den = (QUANT ? sv : 1.f) / den;
+
+    // this lane's points: four corner weights (zero where the corner is outside) and the top-left index
+    float cwo[NP][4];
+    int baseo[NP];
+#pragma unroll
+    for (int i = 0; i < NP; ++i) {
+        const int p = lane + TPG * i;
+        const int pp = p < LP ? p : 0;
+        const int g = pp % G;
+        const float x = qk_ld(refp + 2 * g) * (float)W + msda_param<QUANT>(qk_ld(offp + 2 * pp), so) - 0.5f;
+        const float y = qk_ld(refp + 2 * g + 1) * (float)H + msda_param<QUANT>(qk_ld(offp + 2 * pp + 1), so) - 0.5f;
+        const bool inside = p < LP && y > -1.f && x > -1.f && y < (float)H && x < (float)W;
+        const float w = inside ? e[i] * inv_den : 0.f;
+        const float fx = floorf(x), fy = floorf(y);
+        const int x0 = (int)fx, y0 = (int)fy;
+        const float lx = x - fx, ly = y - fy;
+        const float wy0 = (1.f - ly) * w, wy1 = ly * w;
+        const bool okx0 = x0 >= 0, okx1 = x0 + 1 <= W - 1;
+        const bool oky0 = y0 >= 0, oky1 = y0 + 1 <= H - 1;
+        // `inside` in every test, not only in w: a NaN or infinite position fails the bounds test (as in the
+        // plugin) and must contribute nothing, but its NaN fraction times a zero weight would still be NaN
+        cwo[i][0] = (inside && oky0 && okx0) ? wy0 * (1.f - lx) : 0.f;
+        cwo[i][1] = (inside && oky0 && okx1) ? wy0 * lx : 0.f;
+        cwo[i][2] = (inside && oky1 && okx0) ? wy1 * (1.f - lx) : 0.f;
+        cwo[i][3] = (inside && oky1 && okx1) ? wy1 * lx : 0.f;
+        baseo[i] = inside ? y0 * W + x0 : 0;
+    }
+
+    const unsigned int rowb = (unsigned int)(M * D) * sizeof(TV);  // bytes between spatial positions
+    const TV* vsrc = value + ((long long)b * S * M + m) * D + lane * VEC;
+    float acc[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
+#pragma unroll
+    for (int p = 0; p < LP; ++p) {
+        const int src = p % TPG, i = p / TPG;
+        const int base = (int)qk_shfl_idx((unsigned int)baseo[i], src, TPG);
+        const int idx[4] = {base, base + 1, base + W, base + W + 1};
+        if constexpr (sizeof(TV) == 2) {
+            // corner weights travel as half2 splats: converted once by the lane that prepared the point
+            unsigned int c2o[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) c2o[k] = qk_h2_splat(cwo[i][k]);
+            unsigned int s2[VEC / 2];
+#pragma unroll
+            for (int j = 0; j < VEC / 2; ++j) s2[j] = 0u;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const unsigned int c2 = qk_shfl_idx(c2o[k], src, TPG);
+                if (c2 != 0u) {
+                    const uint4 v = *reinterpret_cast<const uint4*>(qk_row_ptr(vsrc, idx[k], rowb));
+                    s2[0] = qk_h2_fma(c2, v.x, s2[0]);
+                    s2[1] = qk_h2_fma(c2, v.y, s2[1]);
+                    s2[2] = qk_h2_fma(c2, v.z, s2[2]);
+                    s2[3] = qk_h2_fma(c2, v.w, s2[3]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < VEC / 2; ++j) {
+                float lo, hi;
+                qk_h2_to_f2(s2[j], lo, hi);
+                acc[2 * j] += lo;
+                acc[2 * j + 1] += hi;
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float c = __uint_as_float(qk_shfl_idx(__float_as_uint(cwo[i][k]), src, TPG));
+                if (c != 0.f) {
+                    float f[VEC];
+                    if constexpr (sizeof(TV) == 1) {
+                        // loaded as words, so that the bytes are widened in place (qk_i8x4_to_f32)
+                        const uint2 v = *reinterpret_cast<const uint2*>(qk_row_ptr(vsrc, idx[k], rowb));
+                        qk_i8x4_to_f32(v.x, f);
+                        qk_i8x4_to_f32(v.y, f + 4);
+                    } else {
+                        const QkVec<TV, VEC> v =
+                            *reinterpret_cast<const QkVec<TV, VEC>*>(qk_row_ptr(vsrc, idx[k], rowb));
+                        qk_unpack<TV, VEC>(v, f);
+                    }
+#pragma unroll
+                    for (int j = 0; j < VEC; ++j) acc[j] = fmaf(c, f[j], acc[j]);
+                }
+            }
+        }
+    }
+    if (active) msda_store<TV, VEC, QUANT>(out + bqm * D + lane * VEC, VEC, acc, inv_sout);
+}
+
+// Kernel names msda_co_lp<LP>_<type>: the cooperative form, for L = 1, L*P = LP and D = 32 (the D argument is
+// part of the shared signature and must be 32). One thread per (b,q,m) and VEC channels, VEC as in the lp
+// kernels' narrow split: fp32 4, fp16 8, int8 8.
+#define QK_MSDA_COOP_FLOAT(NAME, T, VEC, LP, BOUNDS)                                                        \
+    extern "C" __global__ void __launch_bounds__ BOUNDS msda_co_##NAME(                                    \
+        const T* value, const qk_i64* shapes, const T* ref, const T* off, const T* aw, int B, int S, int M,  \
+        int D, int Q, int L, int P, int G, T* out) {                                                        \
+        msda_coop<T, T, T, VEC, false, LP>(value, shapes, ref, off, aw, B, S, M, Q, G, 1.f, 1.f, 1.f, 1.f,   \
+                                           out);                                                            \
+    }
+
+// Six blocks of 256 an SM (at most 40 registers) where that costs no more than a few bytes of spill. The fp16
+// 8-point kernel spills 28 bytes at 40 registers; it keeps the plain bound, under which NVRTC gives it 48
+// registers and no spill (an explicit minimum of 1 block made it take 75: three blocks an SM, 10% slower).
+QK_MSDA_COOP_FLOAT(lp4_fp32, float, 4, 4, (256, 6))
+QK_MSDA_COOP_FLOAT(lp8_fp32, float, 4, 8, (256, 6))
+QK_MSDA_COOP_FLOAT(lp4_fp16, qk_half, 8, 4, (256, 6))
+QK_MSDA_COOP_FLOAT(lp8_fp16, qk_half, 8, 8, (256))
+
+#define QK_MSDA_COOP_INT8(NAME, LP)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256, 6) msda_co_##NAME(                                    \
+        const signed char* value, const qk_i64* shapes, const float* ref, const signed char* off,            \
+        const signed char* aw, int B, int S, int M, int D, int Q, int L, int P, int G, int value_scale_bits, \
+        int offset_scale_bits, int weight_scale_bits, int out_scale_bits, signed char* out) {               \
+        msda_coop<signed char, float, signed char, 8, true, LP>(                                            \
+            value, shapes, ref, off, aw, B, S, M, Q, G, qk_bits_to_float(value_scale_bits),                 \
+            qk_bits_to_float(offset_scale_bits), qk_bits_to_float(weight_scale_bits),                       \
+            1.f / qk_bits_to_float(out_scale_bits), out);                                                   \
+    }
+
+QK_MSDA_COOP_INT8(lp4_int8, 4)
+QK_MSDA_COOP_INT8(lp8_int8, 8)

@@ -76,6 +76,55 @@ def msda_inputs(rng: np.random.Generator, B: int, shapes, M: int, D: int, Q: int
     return MsdaInputs(value, shapes, ref, off, logits)
 
 
+@dataclass
+class MsdaInt8Case:
+    """One INT8 MSDA input set as the TensorRT plugin takes it, with what the output must be.
+
+    value, offsets and weights are int8 with per-tensor scales (real = scale * int8); reference points fp32;
+    ``expected`` is the float64 reference on the dequantised inputs, quantised with ``out_scale``.
+    """
+
+    value: np.ndarray
+    spatial_shapes: np.ndarray
+    reference_points: np.ndarray
+    sampling_offsets: np.ndarray
+    attention_weights: np.ndarray
+    scales: Tuple[float, float, float, float]  # value, offsets, weights, output
+    reference: np.ndarray
+    expected: np.ndarray
+
+    def check(self, got_int8) -> None:
+        """The kernel's int8 output: off by one step at most (where fp32 and float64 round a near-tie
+        differently), exact for almost every element, and no worse than exact rounding of the reference."""
+        got = np.asarray(got_int8, dtype=np.float64)
+        diff = np.abs(got - self.expected)
+        assert diff.max() <= 1, f"int8 output off by {diff.max()} steps"
+        assert (diff == 0).mean() > 0.999, f"only {(diff == 0).mean():.4%} of int8 outputs exact"
+        sout = self.scales[3]
+        assert rel_err(got * sout, self.reference) <= 1.01 * rel_err(self.expected * sout, self.reference)
+
+
+def msda_int8_case(rng: np.random.Generator, B: int, shapes, M: int, D: int, Q: int, P: int,
+                   G: int) -> MsdaInt8Case:
+    """Random MSDA inputs quantised per tensor to int8 (scale = max |x| / 127), with the expected output."""
+    raw = msda_inputs(rng, B, shapes, M, D, Q, P, G)
+
+    def quant(a):
+        scale = float(np.abs(a).max()) / 127.0
+        return np.clip(np.rint(a / scale), -128, 127).astype(np.int8), scale
+
+    qv, sv = quant(raw.value)
+    qo, so = quant(raw.sampling_offsets)
+    qa, sa = quant(raw.attention_weights)
+    ref32 = rounded(raw.reference_points, np.float32)
+    from qdqkit.custom_ops import reference
+
+    ref = reference.ms_deform_attn(qv * sv, raw.spatial_shapes, ref32, qo * so, qa * sa)
+    sout = float(np.abs(ref).max()) / 127.0
+    expected = np.clip(np.rint(ref / sout), -128, 127)
+    return MsdaInt8Case(qv, raw.spatial_shapes, ref32, qo, qa, (sv, so, sa, sout), ref, expected)
+
+
 def rounded(a: np.ndarray, dtype) -> np.ndarray:
     """``a`` rounded to ``dtype`` (numpy float32 or float16) and returned as float64."""
     return np.asarray(a).astype(dtype).astype(np.float64)

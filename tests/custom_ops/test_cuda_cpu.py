@@ -75,6 +75,7 @@ def _ptx_params(ptx: str):
     (tp.msda_launch("fp16", (6, 375, 8, 32), 1, 8, 8, 2500), 5, 1),
     (tp.msda_launch("fp16", (1, 10, 2, 3), 1, 2, 4, 7), 5, 1),
     (tp.msda_launch("int8", (6, 375, 8, 32), 1, 8, 8, 2500, scales=(0.1, 0.2, 0.3, 0.4)), 5, 1),
+    (tp.msda_launch("int8", (2, 2500, 8, 32), 1, 2, 4, 2500, scales=(0.1, 0.2, 0.3, 0.4)), 5, 1),
     (tp.rotate_launch("fp16", (256, 50, 50), 1), 3, 1),
     (tp.dcn_launch("fp32", (1, 8, 9, 9), (4, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1, 1), 5, 1),
 ])
@@ -96,4 +97,7 @@ def test_shared_memory_form_refuses_slices_over_48_kb():
         tp.msda_launch("fp16", (1, 2500, 8, 32), 1, 2, 4, 900, form="smem")
     fits = tp.msda_launch("fp32", (6, 375, 8, 32), 1, 8, 8, 2500, form="smem")
     assert fits.kernel == "msda_smem_lp8_fp32_v8" and fits.shared_mem == 375 * 32 * 4
+    # the cooperative D = 32 kernels for calls with enough (b, q, m) groups, by PyTorch's rule
+    assert tp.msda_launch("fp16", (2, 2500, 8, 32), 1, 2, 4, 2500).kernel == "msda_co_lp4_fp16"
     assert tp.msda_launch("fp16", (1, 2500, 8, 32), 1, 2, 4, 900).kernel == "msda_lp4_fp16_v8"
+    assert tp.msda_launch("fp16", (2, 2500, 8, 16), 1, 2, 4, 2500).kernel == "msda_lp4_fp16_v8"

@@ -102,33 +102,24 @@ def test_msda_ptx_with_trt_abi(case, dtype_name, tol, form):
     assert T.rel_err(got, reference.ms_deform_attn(*inp)) < tol
 
 
-@pytest.mark.parametrize("form", ["global", "smem"])
-def test_msda_int8_ptx_with_trt_abi(form):
+@pytest.mark.parametrize("case,form", [("sca", "global"), ("sca", "smem"), ("tsa", "global")])
+def test_msda_int8_ptx_with_trt_abi(case, form):
     import torch
 
-    B, shapes, M, D, Q, P, G = T.BEVFORMER_TINY_MSDA["sca"]
-    raw = T.msda_inputs(np.random.default_rng(), B, shapes, M, D, Q, P, G)
-
-    def quant(a):
-        s = float(np.abs(a).max()) / 127.0
-        return np.clip(np.rint(a / s), -128, 127).astype(np.int8), s
-
-    qv, sv = quant(raw.value)
-    qo, so = quant(raw.sampling_offsets)
-    qa, sa = quant(raw.attention_weights)
-    ref32 = T.rounded(raw.reference_points, np.float32)
-    ref = reference.ms_deform_attn(qv * sv, raw.spatial_shapes, ref32, qo * so, qa * sa)
-    sout = float(np.abs(ref).max()) / 127.0
+    B, shapes, M, D, Q, P, G = T.BEVFORMER_TINY_MSDA[case]
+    c = T.msda_int8_case(np.random.default_rng(), B, shapes, M, D, Q, P, G)
     dev = torch.device("cuda")
     out = torch.full((B, Q, M, D), -77, dtype=torch.int8, device=dev)
-    launch = tp.msda_launch("int8", (B, 375, M, D), 1, 2 * G, P, Q, scales=(sv, so, sa, sout), form=form)
-    _launch_trt_style(launch, [torch.tensor(qv, device=dev), torch.tensor(raw.spatial_shapes, device=dev),
-                               torch.tensor(ref32, dtype=torch.float32, device=dev), torch.tensor(qo, device=dev),
-                               torch.tensor(qa, device=dev)], [out])
-    got = out.cpu().numpy().astype(np.float64)
-    diff = np.abs(got - np.clip(np.rint(ref / sout), -128, 127))
-    assert diff.max() <= 1 and (diff == 0).mean() > 0.999
-    assert launch.kernel == ("msda_smem_lp8_int8_v8" if form == "smem" else "msda_lp8_int8_v8")
+    S = sum(h * w for h, w in shapes)
+    launch = tp.msda_launch("int8", (B, S, M, D), 1, 2 * G, P, Q, scales=c.scales, form=form)
+    _launch_trt_style(launch, [torch.tensor(c.value, device=dev), torch.tensor(c.spatial_shapes, device=dev),
+                               torch.tensor(c.reference_points, dtype=torch.float32, device=dev),
+                               torch.tensor(c.sampling_offsets, device=dev),
+                               torch.tensor(c.attention_weights, device=dev)], [out])
+    c.check(out.cpu().numpy())
+    expected = {("sca", "smem"): "msda_smem_lp8_int8_v8", ("sca", "global"): "msda_co_lp8_int8",
+                ("tsa", "global"): "msda_co_lp4_int8"}
+    assert launch.kernel == expected[(case, form)]
 
 
 @pytest.mark.parametrize("mode", [1, 0])
