@@ -475,7 +475,9 @@ __device__ __forceinline__ void msda_coop(const TV* __restrict__ value, const qk
         const int base = (int)qk_shfl_idx((unsigned int)baseo[i], src, TPG);
         const int idx[4] = {base, base + 1, base + W, base + W + 1};
         if constexpr (sizeof(TV) == 2) {
-            // corner weights travel as half2 splats: converted once by the lane that prepared the point
+            // corner weights travel as half2 splats: converted once by the lane that prepared the point. The
+            // half2 FMA block below is written out as in msda_accumulate_fast, not shared through a helper:
+            // passing the partial sums by pointer made every fp16 kernel 1.4-2.3x slower (GPU_NOTES.md, R9).
             unsigned int c2o[4];
 #pragma unroll
             for (int k = 0; k < 4; ++k) c2o[k] = qk_h2_splat(cwo[i][k]);
