@@ -42,6 +42,19 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      moving average (order-dependent), per-channel ranges or a model saved with external data keep onnxruntime's
      augmentation; only the moving average also keeps ModelOpt's loop. Per-node calibration is ModelOpt's own.
 
+  6. ModelOpt's histogram calibrations (entropy, its default for BEVFormer-tiny; distribution; percentile without
+     symmetry) fetch every observed tensor of every sample and, in ModelOpt's ``_collect_value``, flatten it to a
+     copy (concatenated with the tensors that share its range), take its minimum and maximum, and hand it to
+     ``np.histogram`` (directly, or through onnxruntime's ``merge_histogram`` from the second sample on). On
+     BEVFormer-tiny that is about 1.2 billion values a sample, 6.3 s of it against 2.9 s for the run that
+     produced them. Inside the block the same histograms are built without the copies (pieces are histogrammed
+     over the shared range and their counts added), with numpy's bin assignment replayed in fewer steps (numpy's
+     edges and quotient, its corrections computed only for the elements near an edge, which the quotient's
+     monotony bounds from the edges), and different tensors in parallel threads. Bins, edges, extremes and
+     thresholds are the same, so the scales are (tested, bit for bit, against ModelOpt's own path; the bin
+     assignment against ``np.histogram`` on values placed on and beside every edge). NaN, inf, empty, mixed or
+     non-float data, and a collector with another ``merge_histogram``, go to ModelOpt's code, per tensor.
+
 Not patched but handled by the caller (`run_in_private_dir`): ModelOpt rewrites its input file in place and drops
 ``sym_shape_infer_temp.onnx`` and ``<uuid>.data`` in the current directory, so it runs on a private copy with
 the working directory switched to a temporary folder. Its API defaults that differ from its CLI
@@ -361,8 +374,228 @@ def calibration_ranges_running() -> Iterator[None]:
         MinMaxCalibrater.augment_graph = augmenter
 
 
+# -- patch 6: histogram calibration without copies, bins assigned as numpy assigns them ------------------------
+
+_VALUE_COLLECTOR = ("modelopt.onnx.quantization.ort_patching", "_collect_value")
+_BLOCK = 1 << 16  # elements per step, as numpy's histogram takes them: temporaries stay in cache
+
+
+def _bin_estimate(x: Any, first: Any, denom: Any, bins: int, work: dict | None = None) -> tuple:
+    """numpy's first guess at the bins of ``x`` (already in the edges' dtype) for equal-width bins: the quotient,
+    truncated, and the top edge's values moved into the last bin. The same operations on operands of the same
+    types as in ``np.histogram``, so the same values; ``work`` holds reusable output buffers of the dtypes those
+    operations produce (fresh temporaries of a block's size cost page faults every time)."""
+    import numpy as np
+
+    n = x.shape[0]
+    if work is None:
+        f = np.subtract(x, first, dtype=np.result_type(x, first)) / denom
+        f = f * bins
+        idx = f.astype(np.intp)
+    else:
+        shifted = np.subtract(x, first, dtype=np.result_type(x, first), out=work["shifted"][:n])
+        f = np.divide(shifted, denom, out=work["f"][:n])
+        np.multiply(f, bins, out=f)
+        idx = work["idx"][:n]
+        np.copyto(idx, f, casting="unsafe")  # what astype(np.intp) does: truncation
+    np.subtract(idx, 1, out=idx, where=idx == bins)
+    return f, idx
+
+
+def _estimate_buffers(dtype: Any, first: Any, denom: Any, bins: int) -> dict:
+    """Buffers for ``_bin_estimate`` on blocks of ``dtype``, each of the dtype its step produces without one."""
+    import numpy as np
+
+    probe = np.zeros(1, dtype)
+    shifted = np.subtract(probe, first, dtype=np.result_type(probe, first))
+    f = (shifted / denom) * bins
+    return {"shifted": np.empty(_BLOCK, shifted.dtype), "f": np.empty(_BLOCK, f.dtype),
+            "idx": np.empty(_BLOCK, np.intp)}
+
+
+def _uniform_histogram(pieces: list, bins: int, range_: tuple, extremes: list) -> tuple:
+    """``np.histogram(np.concatenate(pieces), bins, range=range_)``, computed piece by piece (patch 6).
+
+    Bin edges, their dtype and every argument check are numpy's own (a histogram of no data). numpy then guesses
+    each element's bin from a quotient (``_bin_estimate``) and corrects the guess where it disagrees with the
+    edges: one bin down where the value lies below the guessed bin's lower edge, otherwise one bin up where it
+    lies on or above the next edge (not from the last bin). Here the guess is the same, and the edges are
+    compared only for the elements that can need a correction: the quotient, hence the guess, never decreases as
+    the value grows (every step is a correctly rounded operation by a positive constant, or a truncation), so a
+    value below its guessed bin ``k``'s lower edge has a quotient no greater than that of the float just below
+    that edge, i.e. a fractional part (quotient - k) no greater than the largest such over all bins; likewise
+    upwards. Those two bounds are computed from the edges with the same operations, and elements whose fractional
+    part lies strictly between them keep their guess. Where the guesses are far from the edges (more than half a
+    bin), every element is compared. The in-range mask is skipped for a piece whose minimum and maximum
+    (``extremes``) pass numpy's comparisons, and counts add up over pieces, so nothing is concatenated.
+    """
+    import numpy as np
+
+    if sum(p.size for p in pieces) < _BLOCK:  # below a block, the bounds below cost more than they save
+        hist, edges = np.histogram(pieces[0], bins, range=range_)
+        for piece in pieces[1:]:
+            hist += np.histogram(piece, bins, range=range_)[0]
+        return hist, edges
+    hist, edges = np.histogram(pieces[0][:0], bins, range=range_)
+    first, last = range_
+    if first == last:  # numpy widens an empty range the same way before it computes anything
+        first, last = first - 0.5, last + 0.5
+    denom = np.subtract(last, first, dtype=np.result_type(last, first))
+    # an upper edge of +inf for the last bin says "not from the last bin"
+    upper = edges[1:].copy()
+    upper[-1] = np.inf
+    below_bound = above_bound = None
+    if edges.dtype.kind == "f":
+        k = np.arange(bins, dtype=np.intp)
+        f_low, _ = _bin_estimate(np.nextafter(edges[:-1], -np.inf), first, denom, bins)
+        f_high, _ = _bin_estimate(edges[1:-1], first, denom, bins)
+        # within half a bin of k, f - k is exact (Sterbenz), as it is for the elements' f - guess
+        if np.all(np.abs(f_low - k) <= 0.5) and np.all(np.abs(f_high - (k[:-1] + 1)) <= 0.5):
+            below_bound = np.max(f_low - k)
+            above_bound = np.min(f_high - k[:-1]) if bins > 1 else np.inf
+    work = _estimate_buffers(edges.dtype, first, denom, bins) if edges.dtype.kind == "f" else None
+    for piece, (lo, hi) in zip(pieces, extremes):
+        if piece.dtype.kind != "f" or edges.dtype.kind != "f":
+            hist += np.histogram(piece, bins, range=range_)[0]
+            continue
+        ends = np.array([lo, hi], dtype=piece.dtype)
+        inside = bool(np.logical_and.reduce((ends >= first) & (ends <= last)))
+        for i in range(0, piece.size, _BLOCK):
+            x = piece[i:i + _BLOCK]
+            if not inside:
+                keep = x >= first
+                keep &= x <= last
+                if not np.logical_and.reduce(keep):
+                    x = x[keep]
+            x = x.astype(edges.dtype, copy=False)
+            f, idx = _bin_estimate(x, first, denom, bins, work)
+            counts = np.bincount(idx, minlength=bins)  # a negative guess raises here, as in numpy
+            if counts.size != bins:  # a guess past the edges: numpy's own indexing raises
+                edges.take(idx)
+            hist += counts
+            if below_bound is None:
+                near = slice(None)
+            else:
+                part = f - idx
+                near = part <= below_bound
+                near |= part >= above_bound
+                if not near.any():
+                    continue
+            xs, guess = x[near], idx[near]
+            down = xs < edges.take(guess)
+            up = xs >= upper.take(guess)  # never where `down` holds: the edges increase (numpy checked)
+            if down.any():
+                moved = guess[down]
+                hist -= np.bincount(moved, minlength=bins)
+                hist += np.bincount(moved - 1, minlength=bins)  # -1 raises here, as in numpy
+            if up.any():
+                moved = guess[up]
+                hist -= np.bincount(moved, minlength=bins)
+                hist += np.bincount(moved + 1, minlength=bins)
+    return hist, edges
+
+
+def _merged_histogram(old: tuple, pieces: list, extremes: list, new_min: Any, new_max: Any,
+                      new_threshold: Any) -> tuple:
+    """onnxruntime's ``HistogramCollector.merge_histogram`` (1.24), its histograms taken by
+    ``_uniform_histogram`` (patch 6). Same arithmetic on the same operands, so the same bins and threshold."""
+    old_hist, old_hist_edges, old_min, old_max, old_threshold = old
+    if new_threshold <= old_threshold:
+        new_hist, _ = _uniform_histogram(pieces, len(old_hist), (-old_threshold, old_threshold), extremes)
+        return new_hist + old_hist, old_hist_edges, min(old_min, new_min), max(old_max, new_max), old_threshold
+    if old_threshold == 0:
+        hist, hist_edges = _uniform_histogram(pieces, len(old_hist), (-new_threshold, new_threshold), extremes)
+        hist += old_hist
+    else:
+        old_num_bins = len(old_hist)
+        old_stride = 2 * old_threshold / old_num_bins
+        half_increased_bins = int((new_threshold - old_threshold) // old_stride + 1)
+        new_num_bins = old_num_bins + 2 * half_increased_bins
+        new_threshold = half_increased_bins * old_stride + old_threshold
+        hist, hist_edges = _uniform_histogram(pieces, new_num_bins, (-new_threshold, new_threshold), extremes)
+        hist[half_increased_bins:new_num_bins - half_increased_bins] += old_hist
+    return hist, hist_edges, min(old_min, new_min), max(old_max, new_max), new_threshold
+
+
+_POOL: list = []
+
+
+def _histogram_threads() -> Any:
+    """A small thread pool for the histograms of different tensors: numpy's arithmetic releases the GIL."""
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        _POOL.append(ThreadPoolExecutor(max_workers=max(1, min(4, cores)), thread_name_prefix="qdqkit-histogram"))
+    return _POOL[0]
+
+
+def _direct_value_collector(original: Any, ort_merge: Any) -> Any:
+    """ModelOpt's ``HistogramCollector.collect_value`` without flattening, concatenating or masking copies, with
+    numpy's bin assignment replayed in fewer steps, tensors in parallel (patch 6). Anything unusual goes to the
+    original, per tensor."""
+    import numpy as np
+
+    def histogram_of(collector: Any, own_merge: bool, tensor: str, data: Any) -> tuple | None:
+        """The new ``histogram_dict`` entry of one tensor, or None where ModelOpt's own code must do it."""
+        pieces = [np.asarray(a).reshape(-1) for a in data] if isinstance(data, list) and data else []
+        pieces = [p for p in pieces if p.size] if len({p.dtype for p in pieces}) == 1 else []
+        extremes = [(np.min(p), np.max(p)) for p in pieces]
+        if not extremes or pieces[0].dtype.kind != "f" or \
+                not all(np.isfinite(lo) and np.isfinite(hi) for lo, hi in extremes):
+            return None  # empty, mixed or non-float data; NaN or inf (ModelOpt replaces those extremes)
+        min_value, max_value = extremes[0]
+        if len(extremes) > 1:
+            min_value, max_value = min(lo for lo, _ in extremes), max(hi for _, hi in extremes)
+            if min_value == 0 or max_value == 0:
+                return None  # which zero (+0 or -0) a reduction returns depends on numpy's order
+        old = collector.histogram_dict.get(tensor)
+        if old is not None and not own_merge:
+            return None
+        threshold = max(abs(min_value), abs(max_value))
+        if old is not None:
+            return _merged_histogram(old, pieces, extremes, min_value, max_value, threshold)
+        range_max = float(threshold)  # as ModelOpt passes it: edges and bins computed from a Python float
+        hist, edges = _uniform_histogram(pieces, collector.num_bins, (-range_max, range_max), extremes)
+        return hist, edges, min_value, max_value, threshold
+
+    def collect_value(collector: Any, name_to_arr: dict) -> None:
+        own_merge = getattr(type(collector), "merge_histogram", None) is ort_merge
+        items = list(name_to_arr.items())
+        # every tensor's entry is computed from its old one only, so they can be computed at once; they are
+        # stored in ModelOpt's order afterwards
+        entries = list(_histogram_threads().map(lambda item: histogram_of(collector, own_merge, *item), items))
+        for (tensor, data), entry in zip(items, entries):
+            if entry is None:
+                original(collector, {tensor: data})
+            else:
+                collector.histogram_dict[tensor] = entry
+
+    collect_value.qdqkit_original = original  # type: ignore[attr-defined]
+    return collect_value
+
+
 @contextlib.contextmanager
-def patched_modelopt(fold_constants: bool = True, running_ranges: bool = True) -> Iterator[None]:
+def calibration_histograms_direct() -> Iterator[None]:
+    """ModelOpt's histogram calibrations (entropy, percentile without symmetry, distribution) inside the block
+    build their histograms without copies of the observed tensors, bin for bin as before (patch 6)."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    mod = importlib.import_module(_VALUE_COLLECTOR[0])
+    collector = getattr(mod, _VALUE_COLLECTOR[1])
+    if hasattr(collector, "qdqkit_original"):
+        yield
+        return
+    setattr(mod, _VALUE_COLLECTOR[1], _direct_value_collector(collector, HistogramCollector.merge_histogram))
+    try:
+        yield
+    finally:
+        setattr(mod, _VALUE_COLLECTOR[1], collector)
+
+
+@contextlib.contextmanager
+def patched_modelopt(fold_constants: bool = True, running_ranges: bool = True,
+                     direct_histograms: bool = True) -> Iterator[None]:
     """Apply the patches listed in the module docstring for the duration of the block (re-entrant)."""
     check_version()
     with _LOCK, onnxruntime_quantization_restored():
@@ -385,7 +618,8 @@ def patched_modelopt(fold_constants: bool = True, running_ranges: bool = True) -
                     saved.append((GraphSanitizer, "find_custom_nodes", current))
                     GraphSanitizer.find_custom_nodes = _find_custom_nodes_without_trt
             with calibration_sessions_folded() if fold_constants else contextlib.nullcontext(), \
-                    calibration_ranges_running() if running_ranges else contextlib.nullcontext():
+                    calibration_ranges_running() if running_ranges else contextlib.nullcontext(), \
+                    calibration_histograms_direct() if direct_histograms else contextlib.nullcontext():
                 yield
         finally:
             for owner, attr, value in reversed(saved):

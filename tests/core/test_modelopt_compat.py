@@ -130,16 +130,21 @@ def _conv_mlp_model() -> onnx.ModelProto:
 _SAMPLES = 8
 
 
-def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = False) -> dict:
-    """Quantize the test model ("max" calibration) with the given patches; record what the calibration did."""
+def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = False, method: str = "max",
+                        direct: bool = False) -> dict:
+    """Quantize the test model with the given patches; record what the calibration did."""
     import numpy as np
     import onnxruntime as ort
     from modelopt.onnx.quantization import ort_patching, quantize
     from onnx import numpy_helper
 
-    rec: dict = {"levels": [], "arena": [], "fetched": [], "compute_data": 0, "groups": None}
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    rec: dict = {"levels": [], "arena": [], "fetched": [], "compute_data": 0, "groups": None, "histograms": None,
+                 "collect_value": None}
     original_init, original_run = ort.InferenceSession.__init__, ort.InferenceSession.run
     original_compute = ort_patching._compute_data_minmax_calibrator
+    original_result = HistogramCollector.compute_collection_result
 
     def spy_init(self, path_or_bytes, sess_options=None, *a, **k):
         rec["levels"].append(None if sess_options is None else sess_options.graph_optimization_level)
@@ -156,23 +161,32 @@ def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = Fa
         rec["groups"] = calibrator.group_qdq_tensors
         return original_compute(calibrator)
 
+    def spy_result(collector):
+        # the histograms every sample went into, and the collector that built them
+        rec["histograms"] = {k: tuple(v) for k, v in collector.histogram_dict.items()}
+        rec["collect_value"] = type(collector).collect_value
+        return original_result(collector)
+
     # innermost: sees the options as onnxruntime will get them; ModelOpt installs the compute_data it finds here
     ort.InferenceSession.__init__, ort.InferenceSession.run = spy_init, spy_run
     ort_patching._compute_data_minmax_calibrator = spy_compute
+    HistogramCollector.compute_collection_result = spy_result
     try:
-        with modelopt_compat.patched_modelopt(fold_constants=fold, running_ranges=running), \
+        with modelopt_compat.patched_modelopt(fold_constants=fold, running_ranges=running,
+                                              direct_histograms=direct), \
                 modelopt_compat.run_in_private_dir(tmp_path) as d:
             onnx.save(_conv_mlp_model(), d / "m.onnx")
             data = np.random.default_rng(0).standard_normal((_SAMPLES, 8, 16, 16)).astype("float32")
             data *= np.linspace(0.5, 2.0, _SAMPLES, dtype="float32")[:, None, None, None]  # every sample counts
             quantize(onnx_path=str(d / "m.onnx"), quantize_mode="int8", calibration_data={"x": data},
-                     calibration_method="max", calibration_eps=["cpu"], high_precision_dtype="fp32",
+                     calibration_method=method, calibration_eps=["cpu"], high_precision_dtype="fp32",
                      dq_only=False, output_path=str(d / "q.onnx"), log_level="ERROR",
                      use_external_data_format=external)
             q = onnx.load(str(d / "q.onnx"))
     finally:
         ort.InferenceSession.__init__, ort.InferenceSession.run = original_init, original_run
         ort_patching._compute_data_minmax_calibrator = original_compute
+        HistogramCollector.compute_collection_result = original_result
     rec["scales"] = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer if "scale" in i.name}
     return rec
 
@@ -228,3 +242,85 @@ def test_max_calibration_with_external_data_keeps_one_output_per_reduction(tmp_p
     assert rec["compute_data"] == 2 and len(rec["fetched"]) == _SAMPLES
     assert all(f and all(n.endswith(("_ReduceMin", "_ReduceMax")) for n in f) for f in rec["fetched"])
     _assert_same_scales(rec["scales"], upstream["scales"])
+
+
+# -- patch 6: histograms without copies ---------------------------------------------------------------------------
+
+def _edge_heavy_data(dtype, n: int, seed: int):
+    """Normal data plus every bin edge of a 128-bin histogram over its range and the floats on either side of
+    each: the values where numpy's bin guess needs its corrections."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal(n) * 2.5).astype(dtype)
+    t = float(np.max(np.abs(a)))
+    edges = np.histogram(a[:0], 128, range=(-t, t))[1].astype(dtype)
+    near = np.concatenate([np.nextafter(edges, -np.inf), edges, np.nextafter(edges, np.inf)]).astype(dtype)
+    a[rng.choice(n, near.size, replace=False)] = near
+    return a
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_histogram_pieces_are_numpys_bin_for_bin(dtype, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr(modelopt_compat, "_BLOCK", 4096)  # many blocks, and the small-input shortcut skipped
+    a = _edge_heavy_data(dtype, 40_000, seed=1)
+    b = _edge_heavy_data(dtype, 9_000, seed=2)
+    whole = np.concatenate([a, b])
+    t = np.max(np.abs(whole))
+    ranges = [(-float(t), float(t)),  # ModelOpt's first histogram: Python floats, quotient in float64
+              (-t, t),  # onnxruntime's merge: thresholds of the data's dtype
+              (-t * t.dtype.type(0.75), t * t.dtype.type(0.75)),  # data outside the range: numpy's mask
+              (-t * t.dtype.type(1.25), t * t.dtype.type(1.25)),
+              (0.0, 0.0)]  # an empty range, widened by numpy
+    for range_ in ranges:
+        for bins in (128, 2048, 1001) if dtype == "float32" else (128, 250):  # float16: few distinct edges
+            want = np.histogram(whole, bins, range=range_)
+            got = modelopt_compat._uniform_histogram([a, b], bins, range_, [(p.min(), p.max()) for p in (a, b)])
+            np.testing.assert_array_equal(got[0], want[0], err_msg=f"{range_} {bins}")
+            assert got[1].dtype == want[1].dtype and np.array_equal(got[1], want[1])
+    with_nan = a.copy()
+    with_nan[7] = np.nan  # compared with the range element by element, as numpy does
+    got = modelopt_compat._uniform_histogram([with_nan], 128, (-1.0, 1.0), [(np.min(with_nan), np.max(with_nan))])
+    np.testing.assert_array_equal(got[0], np.histogram(with_nan, 128, range=(-1.0, 1.0))[0])
+
+
+def _assert_same_histograms(got: dict, want: dict) -> None:
+    import numpy as np
+
+    assert got.keys() == want.keys() and len(got) >= 4
+    for name, entry in got.items():
+        assert len(entry) == len(want[name]) == 5, name
+        for mine, theirs in zip(entry, want[name]):
+            mine, theirs = np.asarray(mine), np.asarray(theirs)
+            assert mine.dtype == theirs.dtype, name
+            np.testing.assert_array_equal(mine, theirs, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def upstream_entropy(tmp_path_factory):
+    """ModelOpt's own entropy calibration, every calibration patch off."""
+    return _quantize_recording(tmp_path_factory.mktemp("upstream_entropy"), fold=False, running=False,
+                               method="entropy")
+
+
+def test_entropy_histograms_copy_every_tensor_upstream_and_not_when_patched(tmp_path, upstream_entropy,
+                                                                           monkeypatch):
+    from modelopt.onnx.quantization import ort_patching
+
+    # ModelOpt's own collector (flattening and concatenating copies) builds the histograms upstream
+    assert upstream_entropy["collect_value"] is ort_patching._collect_value
+    monkeypatch.setattr(modelopt_compat, "_BLOCK", 256)  # the test model's tensors through the blockwise path
+    rec = _quantize_recording(tmp_path, fold=False, running=False, method="entropy", direct=True)
+    assert getattr(rec["collect_value"], "qdqkit_original", None) is ort_patching._collect_value
+    assert ort_patching._collect_value is upstream_entropy["collect_value"]  # restored
+    # every sample's histogram, its edges, extremes and threshold; the tensors a Concat groups included
+    _assert_same_histograms(rec["histograms"], upstream_entropy["histograms"])
+    _assert_same_scales(rec["scales"], upstream_entropy["scales"])
+
+
+def test_entropy_calibration_as_shipped_gives_modelopts_scales(tmp_path, upstream_entropy):
+    rec = _quantize_recording(tmp_path, fold=True, running=True, method="entropy", direct=True)
+    _assert_same_histograms(rec["histograms"], upstream_entropy["histograms"])
+    _assert_same_scales(rec["scales"], upstream_entropy["scales"])
