@@ -562,9 +562,16 @@ def _direct_value_collector(original: Any, ort_merge: Any) -> Any:
     def collect_value(collector: Any, name_to_arr: dict) -> None:
         own_merge = getattr(type(collector), "merge_histogram", None) is ort_merge
         items = list(name_to_arr.items())
-        # every tensor's entry is computed from its old one only, so they can be computed at once; they are
-        # stored in ModelOpt's order afterwards
-        entries = list(_histogram_threads().map(lambda item: histogram_of(collector, own_merge, *item), items))
+        # every tensor's entry is computed from its old one only, so they can be computed at once (large ones in
+        # the pool, small ones here, where a hand-over would cost more than they take); they are stored in
+        # ModelOpt's order afterwards
+        large = [sum(getattr(a, "size", 0) for a in data) >= _BLOCK if isinstance(data, list) else False
+                 for _, data in items]
+        pool = _histogram_threads() if sum(large) > 1 else None
+        entries: list = [pool.submit(histogram_of, collector, own_merge, *item) if pool and big else None
+                         for item, big in zip(items, large)]
+        entries = [e.result() if e is not None else histogram_of(collector, own_merge, *item)
+                   for item, e in zip(items, entries)]
         for (tensor, data), entry in zip(items, entries):
             if entry is None:
                 original(collector, {tensor: data})
