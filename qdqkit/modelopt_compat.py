@@ -52,8 +52,12 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      edges and quotient, its corrections computed only for the elements near an edge, which the quotient's
      monotony bounds from the edges), and different tensors in parallel threads. Bins, edges, extremes and
      thresholds are the same, so the scales are (tested, bit for bit, against ModelOpt's own path; the bin
-     assignment against ``np.histogram`` on values placed on and beside every edge). NaN, inf, empty, mixed or
-     non-float data, and a collector with another ``merge_histogram``, go to ModelOpt's code, per tensor.
+     assignment against ``np.histogram`` on values placed on and beside every edge; the 140 BEVFormer-tiny
+     scales identical). NaN, inf, empty, mixed or non-float data, a group whose extreme is zero (whose sign a
+     reduction over the concatenation decides), and a collector with another ``merge_histogram`` go to
+     ModelOpt's code, per tensor. Tensors under 64K values keep ``np.histogram`` (its per-call cost is lower).
+     Measured (RESULTS.md): BEVFormer-tiny entropy calibration 8.25 s a frame without this patch, 5.4-5.6 s with
+     it (one plain frame: 1.2 s); no measurable change on the small test models.
 
 Not patched but handled by the caller (`run_in_private_dir`): ModelOpt rewrites its input file in place and drops
 ``sym_shape_infer_temp.onnx`` and ``<uuid>.data`` in the current directory, so it runs on a private copy with
@@ -402,15 +406,25 @@ def _bin_estimate(x: Any, first: Any, denom: Any, bins: int, work: dict | None =
     return f, idx
 
 
+_WORK = threading.local()
+
+
 def _estimate_buffers(dtype: Any, first: Any, denom: Any, bins: int) -> dict:
-    """Buffers for ``_bin_estimate`` on blocks of ``dtype``, each of the dtype its step produces without one."""
+    """Buffers for ``_bin_estimate`` on blocks of ``dtype``, each of the dtype its step produces without one; kept
+    per thread and reused (a fresh block-sized array is a fresh mapping, page-faulted in on every call)."""
     import numpy as np
 
     probe = np.zeros(1, dtype)
     shifted = np.subtract(probe, first, dtype=np.result_type(probe, first))
     f = (shifted / denom) * bins
-    return {"shifted": np.empty(_BLOCK, shifted.dtype), "f": np.empty(_BLOCK, f.dtype),
-            "idx": np.empty(_BLOCK, np.intp)}
+    cache = getattr(_WORK, "buffers", None)
+    if cache is None:
+        cache = _WORK.buffers = {}
+    key = (shifted.dtype, f.dtype, _BLOCK)
+    if key not in cache:
+        cache[key] = {"shifted": np.empty(_BLOCK, shifted.dtype), "f": np.empty(_BLOCK, f.dtype),
+                      "idx": np.empty(_BLOCK, np.intp)}
+    return cache[key]
 
 
 def _uniform_histogram(pieces: list, bins: int, range_: tuple, extremes: list) -> tuple:

@@ -137,7 +137,6 @@ def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = Fa
     import onnxruntime as ort
     from modelopt.onnx.quantization import ort_patching, quantize
     from onnx import numpy_helper
-
     from onnxruntime.quantization.calibrate import HistogramCollector
 
     rec: dict = {"levels": [], "arena": [], "fetched": [], "compute_data": 0, "groups": None, "histograms": None,
