@@ -20,9 +20,9 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      of the custom ops' ONNX-function kernels included. Inside the block, such sessions are raised to
      ``ORT_ENABLE_EXTENDED``: constant folding, eliminations and fusions, none of which removes or merges away a
      node whose output is a graph output or has a second consumer, and every tensor the calibrator observes
-     feeds the reduce nodes it adds, so what it records is computed as before (tested: same scales, bit for bit,
-     on the test models; on BEVFormer-tiny 9 of 140 scales move by one or two float32 ulps, at most 2.6e-7
-     relative, where a fusion inside an unobserved stretch rounds differently). Not ``ORT_ENABLE_ALL``: its
+     feeds the reduce nodes it adds, so what it records is computed as before (tested: same "max" scales, bit
+     for bit, on the test models; entropy scales there, and 9 of BEVFormer-tiny's 140, move by one or two
+     float32 ulps, at most 2.6e-7 relative, where a fusion inside an unobserved stretch rounds differently). Not ``ORT_ENABLE_ALL``: its
      layout transformations copy activations, which raised the BEVFormer-tiny qdq peak from 13.5 to 17.0 GB for
      no time gain. The same sessions also switch onnxruntime's CPU memory arena off, so every activation is a
      fresh allocation (page faults in proportion to the data); the arena is switched back on. Measured
