@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 from typing import Optional, Sequence, Tuple, Union
 
 __all__ = [
@@ -87,8 +88,6 @@ def _launch(source: str, kernel: str, grid: Tuple[int, ...], args: Sequence, dev
     argument conversion and stream/device context switches per call; it remains the fallback). Tensors travel
     as 64-bit pointers, ints as int32.
     """
-    import ctypes
-
     import torch
 
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -101,9 +100,10 @@ def _launch(source: str, kernel: str, grid: Tuple[int, ...], args: Sequence, dev
         with torch.cuda.device(index):
             return _launch(source, kernel, grid, args, device, shared_mem)
     if lib is not None:
-        holders = [ctypes.c_uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int32(int(a))
-                   for a in args]
-        params = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+        values, params = _param_block(len(args))
+        for i, a in enumerate(args):
+            # an int32 argument is read from the low 4 bytes of its 8-byte slot (little-endian, as every CUDA host)
+            values[i] = a.data_ptr() if isinstance(a, torch.Tensor) else int(a) & 0xFFFFFFFF
         err = lib.cuLaunchKernel(_function_ptr(fn), grid[0], grid[1], grid[2], _BLOCK, 1, 1, shared_mem, stream,
                                  params, None)
         if err != 0:
@@ -115,6 +115,27 @@ def _launch(source: str, kernel: str, grid: Tuple[int, ...], args: Sequence, dev
     packed = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int32(int(a)) for a in args)
     with cupy.cuda.Device(index), _external_stream(stream, index):
         fn(grid, (_BLOCK,), packed, shared_mem=shared_mem)
+
+
+_PARAMS = threading.local()
+
+
+def _param_block(n: int):
+    """(values, params) for a launch of ``n`` arguments: ``n`` 8-byte value slots and the array of pointers to
+    them that cuLaunchKernel takes. Made once per thread and size and refilled on every launch (the driver copies
+    the arguments during the call, also while a CUDA graph is being captured), which spares the ctypes objects
+    per argument that otherwise dominate a launch's host time."""
+    blocks = getattr(_PARAMS, "blocks", None)
+    if blocks is None:
+        blocks = _PARAMS.blocks = {}
+    block = blocks.get(n)
+    if block is None:
+        import ctypes
+
+        values = (ctypes.c_uint64 * n)()
+        base = ctypes.addressof(values)
+        block = blocks[n] = (values, (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)]))
+    return block
 
 
 @functools.lru_cache(maxsize=None)
