@@ -21,6 +21,7 @@ import onnx
 
 from qdqkit.calib import SampleReader
 from qdqkit.errors import UserError
+from qdqkit.model import proto_size, save_model
 
 FLOAT_TYPES = {"tensor(float)": "fp32", "tensor(float16)": "fp16", "tensor(bfloat16)": "bf16"}
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -98,8 +99,10 @@ class ModelOptBackend:
             from modelopt.onnx.quantization import quantize
 
             src, out = tmp / "model.onnx", tmp / "model.quant.onnx"
-            external = model.ByteSize() > _EXTERNAL_DATA_BYTES
-            onnx.save(model, str(src), save_as_external_data=external)
+            # proto_size sums the parts (ByteSize would serialize the whole model); save_model leaves ``model``
+            # as it is, where onnx.save with external data would move its weights out in place
+            external = proto_size(model) > _EXTERNAL_DATA_BYTES
+            save_model(model, src, external_data=external)
             job.custom_ops.register_onnx_schemas()
             with job.custom_ops.installed_in_onnxruntime(), _quiet("modelopt"), _Muted("modelopt.onnx", _EXPECTED):
                 quantize(
