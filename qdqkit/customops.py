@@ -367,11 +367,11 @@ class CustomOpRegistry:
 
     def drop_plugin(self, plugin: str) -> None:
         """Forget every spec the named plugin registered (it failed part-way through registering)."""
-        gone = [s for s in self._specs if self._origin.get(id(s)) == plugin]
-        for spec in gone:
-            self._specs = [s for s in self._specs if s is not spec]
-            self._by_key = {k: v for k, v in self._by_key.items() if v is not spec}
-            del self._origin[id(spec)]
+        gone = {id(s) for s in self._specs if self._origin.get(id(s)) == plugin}
+        self._specs = [s for s in self._specs if id(s) not in gone]
+        self._by_key = {k: v for k, v in self._by_key.items() if id(v) not in gone}
+        for key in gone:
+            del self._origin[key]
 
     def __iter__(self) -> Iterator[CustomOpSpec]:
         return iter(self._specs)
@@ -679,23 +679,20 @@ def classify_nodes(proto: onnx.ModelProto, registry: CustomOpRegistry) -> dict[s
     counts = {NODE_STANDARD: 0, NODE_CONTRIB: 0, NODE_KNOWN: 0, NODE_UNKNOWN: 0}
     known: set[str] = set()
     unknown: set[str] = set()
-    standard_cache: dict[tuple[str, str], bool] = {}
+    classes: dict[tuple[str, str], str] = {}
     for index, node in enumerate(iter_nodes(proto.graph)):
         domain = canonical_domain(node.domain)
         label = f"{domain}::{node.op_type}" if domain else node.op_type
-        spec = registry.lookup(domain, node.op_type)
-        key = (domain, node.op_type)
-        if key not in standard_cache:
-            standard_cache[key] = spec is None and _is_standard_node(node)
-        if standard_cache[key]:
-            cls, spec_key = NODE_STANDARD, None
-        elif spec is not None:
-            cls, spec_key = NODE_KNOWN, f"{canonical_domain(spec.domain) or 'ai.onnx'}::{spec.op_type}"
+        key = (node.domain, node.op_type)
+        cls = classes.get(key)
+        if cls is None:
+            cls = classes[key] = op_class(node, registry)
+        spec_key = None
+        if cls == NODE_KNOWN:
+            spec = registry.lookup(domain, node.op_type)
+            spec_key = f"{canonical_domain(spec.domain) or 'ai.onnx'}::{spec.op_type}"
             known.add(label)
-        elif domain in ORT_CONTRIB_DOMAINS:
-            cls, spec_key = NODE_CONTRIB, None
-        else:
-            cls, spec_key = NODE_UNKNOWN, None
+        elif cls == NODE_UNKNOWN:
             unknown.add(label)
         counts[cls] += 1
         name = node.name or f"#{index}"
