@@ -311,8 +311,19 @@ def test_entropy_histograms_copy_every_tensor_upstream_and_not_when_patched(tmp_
     # ModelOpt's own collector (flattening and concatenating copies) builds the histograms upstream
     assert upstream_entropy["collect_value"] is ort_patching._collect_value
     monkeypatch.setattr(modelopt_compat, "_BLOCK", 256)  # the test model's tensors through the blockwise path
+    built: list[int] = []  # pieces per histogram the patched collector built itself
+    uniform = modelopt_compat._uniform_histogram
+
+    def spy(pieces, *args):
+        built.append(len(pieces))
+        return uniform(pieces, *args)
+
+    monkeypatch.setattr(modelopt_compat, "_uniform_histogram", spy)
     rec = _quantize_recording(tmp_path, fold=False, running=False, method="entropy", direct=True)
     assert getattr(rec["collect_value"], "qdqkit_original", None) is ort_patching._collect_value
+    # every tensor of every sample went through patch 6 (none handed back to ModelOpt's code), groups included:
+    # otherwise the comparison below would only test ModelOpt against itself
+    assert len(built) == len(rec["histograms"]) * _SAMPLES and max(built) > 1
     assert ort_patching._collect_value is upstream_entropy["collect_value"]  # restored
     # every sample's histogram, its edges, extremes and threshold; the tensors a Concat groups included
     _assert_same_histograms(rec["histograms"], upstream_entropy["histograms"])
