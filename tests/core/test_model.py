@@ -155,7 +155,11 @@ def test_streamed_inline_save_reads_back_identical(tmp_path, monkeypatch, toy_se
     model = toymodels.big_model(total_bytes=3 * 128 * 128 * 4, width=128)
     model.graph.initializer.insert(0, onnx.numpy_helper.from_array(np.arange(3, dtype=np.int64), "small_first"))
     monkeypatch.setattr(qm, "LIGHT_WEIGHTS", 1000)  # stream even this small model, tensor by tensor
+    streamed = []
+    real = qm._write_inline_streamed
+    monkeypatch.setattr(qm, "_write_inline_streamed", lambda proto, f: streamed.append(1) or real(proto, f))
     save_model(model, tmp_path / "s.onnx")
+    assert streamed == [1]  # the streamed writer, not one SerializeToString, wrote this file
     back = onnx.load(tmp_path / "s.onnx")
     assert back == model
     assert [t.name for t in back.graph.initializer] == [t.name for t in model.graph.initializer]
@@ -169,9 +173,13 @@ def test_streamed_load_matches_onnx_load(tmp_path, monkeypatch):
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     monkeypatch.setattr(qm, "LIGHT_WEIGHTS", 100)  # every file takes the streamed reader
+    read = []
+    real = qm.read_model_streamed
+    monkeypatch.setattr(qm, "read_model_streamed", lambda p: read.append(p) or real(p))
     assert ModelHandle.load(path).proto == onnx.load(path)
     save_model(model, tmp_path / "streamed.onnx")  # written tensor by tensor: two graph fields
     assert ModelHandle.load(tmp_path / "streamed.onnx").proto == model
+    assert len(read) == 2  # both loads went through the streamed reader, not onnx.load
 
 
 @pytest.mark.parametrize("cut", [0.3, 0.7, 0.999])
