@@ -445,7 +445,9 @@ def _uniform_histogram(pieces: list, bins: int, range_: tuple, extremes: list) -
     """
     import numpy as np
 
-    if sum(p.size for p in pieces) < _BLOCK:  # below a block, the bounds below cost more than they save
+    # below a block, the bounds below cost more than they save; non-float data is numpy's alone (the edges numpy
+    # makes are floating point whatever the data, so only the data's kind decides)
+    if sum(p.size for p in pieces) < _BLOCK or any(p.dtype.kind != "f" for p in pieces):
         hist, edges = np.histogram(pieces[0], bins, range=range_)
         for piece in pieces[1:]:
             hist += np.histogram(piece, bins, range=range_)[0]
@@ -459,19 +461,15 @@ def _uniform_histogram(pieces: list, bins: int, range_: tuple, extremes: list) -
     upper = edges[1:].copy()
     upper[-1] = np.inf
     below_bound = above_bound = None
-    if edges.dtype.kind == "f":
-        k = np.arange(bins, dtype=np.intp)
-        f_low, _ = _bin_estimate(np.nextafter(edges[:-1], -np.inf), first, denom, bins)
-        f_high, _ = _bin_estimate(edges[1:-1], first, denom, bins)
-        # within half a bin of k, f - k is exact (Sterbenz), as it is for the elements' f - guess
-        if np.all(np.abs(f_low - k) <= 0.5) and np.all(np.abs(f_high - (k[:-1] + 1)) <= 0.5):
-            below_bound = np.max(f_low - k)
-            above_bound = np.min(f_high - k[:-1]) if bins > 1 else np.inf
-    work = _estimate_buffers(edges.dtype, first, denom, bins) if edges.dtype.kind == "f" else None
+    k = np.arange(bins, dtype=np.intp)
+    f_low, _ = _bin_estimate(np.nextafter(edges[:-1], -np.inf), first, denom, bins)
+    f_high, _ = _bin_estimate(edges[1:-1], first, denom, bins)
+    # within half a bin of k, f - k is exact (Sterbenz), as it is for the elements' f - guess
+    if np.all(np.abs(f_low - k) <= 0.5) and np.all(np.abs(f_high - (k[:-1] + 1)) <= 0.5):
+        below_bound = np.max(f_low - k)
+        above_bound = np.min(f_high - k[:-1]) if bins > 1 else np.inf
+    work = _estimate_buffers(edges.dtype, first, denom, bins)
     for piece, (lo, hi) in zip(pieces, extremes):
-        if piece.dtype.kind != "f" or edges.dtype.kind != "f":
-            hist += np.histogram(piece, bins, range=range_)[0]
-            continue
         ends = np.array([lo, hi], dtype=piece.dtype)
         inside = bool(np.logical_and.reduce((ends >= first) & (ends <= last)))
         for i in range(0, piece.size, _BLOCK):
