@@ -369,11 +369,6 @@ def _qdq(proto: Any, session: Any, hist: dict[str, int]) -> dict[str, Any]:
     except Exception as exc:  # the coverage module is optional; give the plain counts
         return {"QuantizeLinear": hist.get("QuantizeLinear", 0), "DequantizeLinear": hist.get("DequantizeLinear", 0),
                 "coverage": f"unavailable ({type(exc).__name__}: {exc})"}
-    from qdqkit.model import LIGHT_WEIGHTS, structure_only, weight_bytes
-
-    # coverage needs types and shapes, not weight bytes: spare heavy models the copies shape inference makes
-    if weight_bytes(proto) >= LIGHT_WEIGHTS:
-        proto = structure_only(proto)
     return qdq_summary(proto, session.custom_ops)
 
 

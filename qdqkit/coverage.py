@@ -14,13 +14,17 @@ from typing import Any
 import numpy as np
 import onnx
 
+from qdqkit.model import LIGHT_WEIGHTS, structure_only, weight_bytes
+
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
+    # shape inference needs types and shapes, not weight bytes: spare heavy models the copies onnx makes
+    light = weight_bytes(model) < LIGHT_WEIGHTS
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(model if light else structure_only(model))
     except Exception:
         inferred = model
     out: dict[str, tuple[int, ...] | None] = {}

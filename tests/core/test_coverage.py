@@ -56,3 +56,15 @@ def test_conv_flops():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
     s = qdq_summary(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     assert abs(s["compute"]["Conv"]["gflops"] - 2 * 16 * 64 * 27 / 1e9) < 1e-15
+
+
+def test_heavy_model_is_summarised_from_its_structure(monkeypatch):
+    import qdqkit.coverage as coverage
+
+    light = qdq_summary(_model(True))
+    monkeypatch.setattr(coverage, "LIGHT_WEIGHTS", 1)  # treat the toy model as heavy
+    seen = []
+    real = coverage.structure_only
+    # every weight data-less (threshold 0): the FLOPs must come from dims alone
+    monkeypatch.setattr(coverage, "structure_only", lambda m: seen.append(1) or real(m, 0))
+    assert qdq_summary(_model(True)) == light and seen == [1]
