@@ -183,7 +183,17 @@ def _dequantize_plugin_int8_io(m: onnx.ModelProto, registry: Any) -> list[str]:
     return fixed
 
 
-def _session(model: onnx.ModelProto, registry: Any) -> Any:
+def cosine(x: Any, y: Any) -> float:
+    """Cosine similarity of two arrays in float64: 1.0 when both are zero, 0.0 when only one is."""
+    x = np.asarray(x, np.float64).ravel()
+    y = np.asarray(y, np.float64).ravel()
+    nx_, ny_ = np.linalg.norm(x), np.linalg.norm(y)
+    return float(x @ y / (nx_ * ny_)) if nx_ > 0 and ny_ > 0 else float(nx_ == ny_)
+
+
+def evaluation_session(model: onnx.ModelProto, registry: Any) -> Any:
+    """The onnxruntime CPU session ``compare`` runs a model in (basic graph optimizations, see the module
+    docstring); give it ``evaluation_copy`` of a Q/DQ model."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -211,8 +221,8 @@ def compare(
     """
     require(source, start, count, "validation")
     quant_eval, notes = evaluation_copy(quant_model, registry)
-    s_float = _session(float_model, registry)
-    s_quant = _session(quant_eval, registry)
+    s_float = evaluation_session(float_model, registry)
+    s_quant = evaluation_session(quant_eval, registry)
     names = [o.name for o in s_float.get_outputs()]
     qnames = {o.name for o in s_quant.get_outputs()}
     missing = [n for n in names if n not in qnames]
@@ -233,8 +243,7 @@ def compare(
             x = np.asarray(x, np.float64).ravel()
             y = np.asarray(y, np.float64).ravel()
             d = x - y
-            nx_, ny_ = np.linalg.norm(x), np.linalg.norm(y)
-            cos[n].append(float(x @ y / (nx_ * ny_)) if nx_ > 0 and ny_ > 0 else float(nx_ == ny_))
+            cos[n].append(cosine(x, y))
             sig[n] += float(x @ x)
             err[n] += float(d @ d)
             mx[n] = max(mx[n], float(np.abs(d).max(initial=0.0)))
