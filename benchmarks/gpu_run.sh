@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment check, kernel resource report, GPU tests, op benchmarks, full-frame benchmark.
 # Run from the repository root on a machine with a CUDA GPU; logs go to $OUT (default ./gpu_out).
-# Usage: bash benchmarks/gpu_run.sh [stage ...]   stages: env build test ops frame sanitize (default: all but sanitize)
+# Usage: bash benchmarks/gpu_run.sh [stage ...]   stages: env build test ops launch frame sanitize (default: env build test ops frame)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -88,6 +88,10 @@ fi
 
 if has ops; then
   timeout 220 python3 "$REPO/benchmarks/gpu_ops.py" --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log" | tail -45
+fi
+
+if has launch; then
+  timeout 120 python3 "$REPO/benchmarks/gpu_launch.py" 2>&1 | tee "$OUT/launch.log"
 fi
 
 if has frame; then

@@ -91,10 +91,10 @@ def _launch(source: str, kernel: str, grid: Tuple[int, ...], args: Sequence, dev
     import torch
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    fn = _kernel(source, kernel, index, shared_mem)
+    fn, ptr = _kernel(source, kernel, index, shared_mem)
     stream = _raw_stream(index)
     grid = tuple(grid) + (1,) * (3 - len(grid))
-    lib = _libcuda() if _function_ptr(fn) else None
+    lib = _libcuda() if ptr else None
     if lib is not None and index != torch.cuda.current_device():
         # the driver launches into the calling thread's current context, which must be this device's
         with torch.cuda.device(index):
@@ -104,7 +104,7 @@ def _launch(source: str, kernel: str, grid: Tuple[int, ...], args: Sequence, dev
         for i, a in enumerate(args):
             # an int32 argument is read from the low 4 bytes of its 8-byte slot (little-endian, as every CUDA host)
             values[i] = a.data_ptr() if isinstance(a, torch.Tensor) else int(a) & 0xFFFFFFFF
-        err = lib.cuLaunchKernel(_function_ptr(fn), grid[0], grid[1], grid[2], _BLOCK, 1, 1, shared_mem, stream,
+        err = lib.cuLaunchKernel(ptr, grid[0], grid[1], grid[2], _BLOCK, 1, 1, shared_mem, stream,
                                  params, None)
         if err != 0:
             raise RuntimeError(f"{kernel}: cuLaunchKernel failed with CUDA driver error {err}")
@@ -140,36 +140,30 @@ def _param_block(n: int):
 
 @functools.lru_cache(maxsize=None)
 def _kernel_base(source: str, kernel: str, device_index: int):
+    """(CuPy RawKernel, its CUfunction handle) of one kernel on one device; the handle is 0 when this CuPy does
+    not expose it (then launches go through CuPy)."""
     from . import _build
 
-    return _build.module(source, device_index).get_function(kernel)
+    fn = _build.module(source, device_index).get_function(kernel)
+    try:
+        ptr = int(fn.kernel.ptr)
+    except AttributeError:
+        ptr = 0
+    return fn, ptr
 
 
 def _kernel(source: str, kernel: str, device_index: int, shared_mem: int):
-    fn = _kernel_base(source, kernel, device_index)
+    fn, ptr = _kernel_base(source, kernel, device_index)
     if shared_mem > 48 * 1024 and (kernel, device_index) not in _SMEM_RAISED:
         import cupy
 
         with cupy.cuda.Device(device_index):
             fn.max_dynamic_shared_size_bytes = _device_info(device_index)[1]
         _SMEM_RAISED.add((kernel, device_index))
-    return fn
+    return fn, ptr
 
 
 _SMEM_RAISED: set = set()
-_PTRS: dict = {}
-
-
-def _function_ptr(fn) -> int:
-    """The CUfunction handle behind a CuPy RawKernel (0 when this CuPy does not expose it)."""
-    ptr = _PTRS.get(id(fn))
-    if ptr is None:
-        try:
-            ptr = int(fn.kernel.ptr)
-        except AttributeError:
-            ptr = 0
-        _PTRS[id(fn)] = ptr
-    return ptr
 
 
 @functools.lru_cache(maxsize=None)
