@@ -286,7 +286,8 @@ class _Outputs:
 
 
 def _running_minmax_collector(original: Any) -> Any:
-    """ModelOpt's ``MinMaxCalibrater.collect_data`` with the per-sample work cut to two numpy calls (patch 5)."""
+    """ModelOpt's ``MinMaxCalibrater.collect_data`` with the per-sample work cut to a running
+    minimum and maximum per gathered output (patch 5)."""
     import numpy as np
     from onnxruntime.quantization.calibrate import TensorsData
 
@@ -306,38 +307,24 @@ def _running_minmax_collector(original: Any) -> Any:
             if gathered:
                 raise RuntimeError("qdqkit's gathered calibration outputs reached ModelOpt's own collector")
             return original(calibrator, data_reader)
-        sizes = [len(m) for _, m in gathered] + [1] * len(singles)
-        lo: Any = None
-        hi: Any = None
-        flat = False
+        lo: list | None = None
+        hi: list = []
         while True:
             inputs = data_reader.get_next()
             if not inputs:
                 break
             values = session.run(fetch, inputs)  # only the reductions: the model's own outputs are never used
             if lo is None:
-                flat = [v.size for v in values] == sizes and len({v.dtype for v in values}) == 1
-            if flat:
-                v = np.concatenate([x.reshape(-1) for x in values])
-                if lo is None:
-                    lo, hi = v, v.copy()
-                else:
-                    np.minimum(lo, v, out=lo)
-                    np.maximum(hi, v, out=hi)
+                lo, hi = values, [v.copy() for v in values]  # the session's outputs are ours to update
                 continue
-            parts = [x.reshape(-1)[j:j + 1] for x, (_, m) in zip(values, gathered) for j in range(len(m))]
-            parts += values[len(gathered):]
-            if lo is None:
-                lo, hi = [x.copy() for x in parts], [x.copy() for x in parts]
-            else:
-                for a, b, x in zip(lo, hi, parts):
-                    np.minimum(a, x, out=a)
-                    np.maximum(b, x, out=b)
+            for a, b, v in zip(lo, hi, values):  # one call each per gathered output: a handful a sample
+                np.minimum(a, v, out=a)
+                np.maximum(b, v, out=b)
         if lo is None:
             return  # no sample: nothing recorded, as in ModelOpt's loop
-        if flat:
-            lo = [lo[i:i + 1] for i in range(len(lo))]  # the shape onnxruntime's Reshape to [-1] gives
-            hi = [hi[i:i + 1] for i in range(len(hi))]
+        # each gathered reduction as the shape [1] onnxruntime's Reshape to [-1] gives it; the others as fetched
+        lo, hi = ([x.reshape(-1)[j:j + 1] for x, (_, m) in zip(xs, gathered) for j in range(len(m))]
+                  + xs[len(gathered):] for xs in (lo, hi))
         # The minimum over samples of each sample's minimum is the minimum over all of them (the same for maxima,
         # for absolute maxima and for the groups ModelOpt merges), so one pass of ModelOpt's own compute_data over
         # these records the ranges its per-sample merge would have.
