@@ -236,8 +236,7 @@ def bench_msda(bw, quick=False):
         sets = []
         for _ in range(k):
             inp = gen(rng, B, shapes, M, D, Q, P, G)
-            q = lambda a: torch.tensor(np.clip(np.rint(a / (np.abs(a).max() / 127)), -128, 127).astype(np.int8),  # noqa: E731
-                                       device="cuda")
+            q = lambda a: torch.tensor(T.quantize_int8(a)[0], device="cuda")  # noqa: E731
             sets.append([q(inp.value), torch.tensor(inp.reference_points, dtype=torch.float32, device="cuda"),
                          q(inp.sampling_offsets), q(inp.attention_weights),
                          torch.empty(B, Q, M, D, dtype=torch.int8, device="cuda")])

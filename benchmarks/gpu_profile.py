@@ -22,8 +22,8 @@ for name in ("tsa", "sca", "decoder"):
                 continue
             cuda.ms_deform_attn(*args, strategy=strategy)
         cuda.ms_deform_attn(*args, strategy="global", _coop=False)
-    q8 = [torch.tensor(np.clip(np.rint(a / (np.abs(a).max() / 127)), -128, 127).astype(np.int8), device="cuda")
-          for a in (inp.value, inp.sampling_offsets, inp.attention_weights)]
+    q8 = [torch.tensor(T.quantize_int8(a)[0], device="cuda") for a in (inp.value, inp.sampling_offsets,
+                                                                       inp.attention_weights)]
     cuda.ms_deform_attn_int8(q8[0], torch.tensor(inp.spatial_shapes, device="cuda"),
                              torch.tensor(inp.reference_points, dtype=torch.float32, device="cuda"), q8[1], q8[2],
                              value_scale=0.02, offset_scale=0.05, weight_scale=0.03, out_scale=0.01)

@@ -104,18 +104,19 @@ class MsdaInt8Case:
         assert rel_err(got * sout, self.reference) <= 1.01 * rel_err(self.expected * sout, self.reference)
 
 
+def quantize_int8(a: np.ndarray) -> Tuple[np.ndarray, float]:
+    """``a`` quantised per tensor to int8 (scale = max |a| / 127, round half to even): (values, scale)."""
+    scale = float(np.abs(a).max()) / 127.0
+    return np.clip(np.rint(a / scale), -128, 127).astype(np.int8), scale
+
+
 def msda_int8_case(rng: np.random.Generator, B: int, shapes, M: int, D: int, Q: int, P: int,
                    G: int) -> MsdaInt8Case:
     """Random MSDA inputs quantised per tensor to int8 (scale = max |x| / 127), with the expected output."""
     raw = msda_inputs(rng, B, shapes, M, D, Q, P, G)
-
-    def quant(a):
-        scale = float(np.abs(a).max()) / 127.0
-        return np.clip(np.rint(a / scale), -128, 127).astype(np.int8), scale
-
-    qv, sv = quant(raw.value)
-    qo, so = quant(raw.sampling_offsets)
-    qa, sa = quant(raw.attention_weights)
+    qv, sv = quantize_int8(raw.value)
+    qo, so = quantize_int8(raw.sampling_offsets)
+    qa, sa = quantize_int8(raw.attention_weights)
     ref32 = rounded(raw.reference_points, np.float32)
     from qdqkit.custom_ops import reference
 

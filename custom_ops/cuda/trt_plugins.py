@@ -94,16 +94,12 @@ def msda_launch(dtype: str, value_shape: Sequence, num_levels, ref_last, weights
     groups = None
     if all(const_of(e) is not None for e in (B, num_queries, M)):
         groups = const_of(B) * const_of(num_queries) * const_of(M)
-    if const_of(L) == 1 and const_of(weights_last) in (4, 8) and vec in (4, 8) and form != "smem" and \
-            use_coop(dtype, D, 1, const_of(weights_last), groups):
-        # the cooperative kernels (msda.cu, msda_co_*), by the rule PyTorch's launches follow
-        lp = const_of(weights_last)
-        quant = [float_bits(s) for s in scales] if dtype == "int8" else []
-        extras = [B, S, M, D, num_queries, L, P, G] + quant
-        threads = B * num_queries * M * (D // vec)
-        return Launch("msda", f"msda_co_lp{lp}_{dtype}", (cdiv(threads, BLOCK), 1, 1), (BLOCK, 1, 1), extras)
-    if const_of(L) == 1 and const_of(weights_last) in (4, 8) and vec in (4, 8):
-        lp = const_of(weights_last)
+    lp = const_of(weights_last)
+    single = const_of(L) == 1 and lp in (4, 8) and vec in (4, 8)
+    if single and form != "smem" and use_coop(dtype, D, 1, lp, groups):
+        # the cooperative kernels (msda.cu, msda_co_*; the narrow split), by the rule PyTorch's launches follow
+        kernel = f"msda_co_lp{lp}_{dtype}"
+    elif single:
         if dtype != "int8":
             wide = _WIDE_VEC[(dtype, lp)]
             if D % wide == 0:
