@@ -34,14 +34,10 @@ PASSES = "detect-custom-ops,trt-plugin-domain,infer-shapes,check"
 WORKER = r"""
 import json, os, sys, time
 sys.path.insert(0, {core!r})
-def rss_peak():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+from qdqkit.report import peak_rss as rss_peak, reset_peak_rss
 def reset():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    if not reset_peak_rss():
+        raise SystemExit("needs /proc/self/clear_refs: each step's own peak memory cannot be measured")
 mode, src, dst, external = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 import onnx
 if mode in ("floor", "peer"):
