@@ -64,8 +64,6 @@ def test_validate_pass_threshold_stops_the_pipeline(quantized, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "validation failed" in err and "cosine" in err
     # the report still says what ran and what validation measured
-    import json
-
     report = json.loads(rep.read_text())
     steps = [p["pass"] for p in report["passes"]]
     assert steps == ["detect-custom-ops", "trt-plugin-domain", "infer-shapes", "qdq", "validate"]
