@@ -5,8 +5,8 @@ Measures, in one run on this machine:
   2. one frame of FP32 inference: onnxruntime CPU with the custom ops' ONNX-function kernels, against the PyTorch
      forward of the same model (the peer, same inputs, same process);
   3. synthetic data: seconds per frame of image/ego-motion generation, and of the prev_bev roll-out;
-  4. optionally (``--demo``) the whole ``python -m qdqkit.examples.bevformer demo`` wall time, against the
-     20-minute budget of the README quick start.
+  4. optionally (``--demo``) the whole ``python -m qdqkit.examples.bevformer demo`` wall time (its default:
+     one recipe, bevformer-int8), against the 20-minute budget of the README quick start.
 
 Usage: python benchmarks/bevformer_pipeline.py [--frames 3] [--demo]
 Prints one line per figure: value, floor or peer, ratio.
@@ -78,7 +78,7 @@ def main() -> int:
             t0 = time.perf_counter()
             rc = subprocess.call([sys.executable, "-m", "qdqkit.examples.bevformer", "demo", "--workdir", work])
             t_demo = time.perf_counter() - t0
-        print(f"demo (8+4 frames, both) {t_demo:8.0f} s   floor 1200 s     ratio {t_demo / 1200:.2f}  (exit {rc})")
+        print(f"demo (8+4 frames, default recipe) {t_demo:8.0f} s   floor 1200 s     ratio {t_demo / 1200:.2f}  (exit {rc})")
     return 0
 
 
