@@ -68,6 +68,7 @@ the working directory switched to a temporary folder. Its API defaults that diff
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -516,17 +517,14 @@ def _merged_histogram(old: tuple, pieces: list, extremes: list, new_min: Any, ne
     return hist, hist_edges, min(old_min, new_min), max(old_max, new_max), new_threshold
 
 
-_POOL: list = []
-
-
+@functools.cache
 def _histogram_threads() -> Any:
-    """A small thread pool for the histograms of different tensors: numpy's arithmetic releases the GIL."""
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
+    """A small thread pool, made once, for the histograms of different tensors: numpy's arithmetic releases the
+    GIL."""
+    from concurrent.futures import ThreadPoolExecutor
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        _POOL.append(ThreadPoolExecutor(max_workers=max(1, min(4, cores)), thread_name_prefix="qdqkit-histogram"))
-    return _POOL[0]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return ThreadPoolExecutor(max_workers=max(1, min(4, cores)), thread_name_prefix="qdqkit-histogram")
 
 
 def _direct_value_collector(original: Any, ort_merge: Any) -> Any:
