@@ -243,6 +243,60 @@ def test_max_calibration_with_external_data_keeps_one_output_per_reduction(tmp_p
     _assert_same_scales(rec["scales"], upstream["scales"])
 
 
+def _onnxruntime_minmax_ranges(tmp_path, patched: bool) -> tuple:
+    """onnxruntime's own MinMaxCalibrater over a model observed in float32 and float16, with patch 5's augmenter and
+    collector or with its own; the ranges, and the gathered outputs (patched only)."""
+    import numpy as np
+    from onnx import numpy_helper
+    from onnxruntime.quantization.calibrate import CalibrationDataReader, MinMaxCalibrater
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Cast", ["r"], ["h"], to=TensorProto.FLOAT16),
+             helper.make_node("Mul", ["h", "k"], ["m"]),
+             helper.make_node("Cast", ["m"], ["y"], to=TensorProto.FLOAT)]
+    k = numpy_helper.from_array(np.array(-1.5, dtype=np.float16), "k")
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [k]),
+                                opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(5)
+            self.samples = iter([{"x": rng.standard_normal((1, 4, 8)).astype(np.float32) * s} for s in (1, 3, 2)])
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    cal = MinMaxCalibrater(str(tmp_path / "m.onnx"), augmented_model_path=str(tmp_path / "aug.onnx"))
+    augment, collect = MinMaxCalibrater.augment_graph, MinMaxCalibrater.collect_data
+    if patched:
+        augment = modelopt_compat._gathering_augmenter(augment)
+        collect = modelopt_compat._running_minmax_collector(collect)
+    augment(cal)
+    cal.create_inference_session()
+    collect(cal, Reader())
+    return cal.compute_data().data, getattr(cal, "qdqkit_gathered", None)
+
+
+def test_running_ranges_of_float32_and_float16_outputs_are_onnxruntimes(tmp_path):
+    import numpy as np
+
+    (tmp_path / "own").mkdir()
+    (tmp_path / "patched").mkdir()
+    want, _ = _onnxruntime_minmax_ranges(tmp_path / "own", patched=False)
+    got, gathered = _onnxruntime_minmax_ranges(tmp_path / "patched", patched=True)
+    assert want["h"].range_value[0].dtype == np.float16  # onnxruntime observes the float16 tensors too
+    # one gathered output per element type: a running range per output of its own dtype
+    assert gathered is not None and {g.rsplit("_", 1)[1] for g, _ in gathered} == \
+        {str(TensorProto.FLOAT), str(TensorProto.FLOAT16)}
+    assert got.keys() == want.keys() and {"x", "r", "h", "m", "y"} <= set(got)
+    for name in want:
+        for mine, theirs in zip(got[name].range_value, want[name].range_value):
+            assert mine.dtype == theirs.dtype, name
+            np.testing.assert_array_equal(mine, theirs, err_msg=name)
+
+
 # -- patch 6: histograms without copies ---------------------------------------------------------------------------
 
 def _edge_heavy_data(dtype, n: int, seed: int):
