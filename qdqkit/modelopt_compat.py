@@ -71,6 +71,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import operator
 import os
 import tempfile
 import threading
@@ -380,16 +381,17 @@ def _bin_estimate(x: Any, first: Any, denom: Any, bins: int, work: dict | None =
     import numpy as np
 
     n = x.shape[0]
-    if work is None:
-        f = np.subtract(x, first, dtype=np.result_type(x, first)) / denom
-        f = f * bins
-        idx = f.astype(np.intp)
-    else:
-        shifted = np.subtract(x, first, dtype=np.result_type(x, first), out=work["shifted"][:n])
-        f = np.divide(shifted, denom, out=work["f"][:n])
-        np.multiply(f, bins, out=f)
-        idx = work["idx"][:n]
-        np.copyto(idx, f, casting="unsafe")  # what astype(np.intp) does: truncation
+
+    def out(key: str) -> Any:
+        return None if work is None else work[key][:n]
+
+    # one sequence of operations for both uses (the elements' guesses and the bounds computed from the edges): the
+    # bounds are valid only because the two agree to the bit
+    shifted = np.subtract(x, first, dtype=np.result_type(x, first), out=out("shifted"))
+    f = np.divide(shifted, denom, out=out("f"))
+    np.multiply(f, bins, out=f)  # bins is a Python int: f keeps its dtype, as in numpy's f * bins
+    idx = np.empty(n, np.intp) if work is None else work["idx"][:n]
+    np.copyto(idx, f, casting="unsafe")  # what astype(np.intp) does: truncation
     np.subtract(idx, 1, out=idx, where=idx == bins)
     return f, idx
 
@@ -440,6 +442,7 @@ def _uniform_histogram(pieces: list, bins: int, range_: tuple, extremes: list) -
         for piece in pieces[1:]:
             hist += np.histogram(piece, bins, range=range_)[0]
         return hist, edges
+    bins = operator.index(bins)  # as numpy takes it: a Python int, which leaves a float's dtype as it is
     hist, edges = np.histogram(pieces[0][:0], bins, range=range_)
     first, last = range_
     if first == last:  # numpy widens an empty range the same way before it computes anything
