@@ -36,7 +36,7 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      sample for 50 observed tensors, half a plain inference of a small model, plus a Reshape and an output to
      convert per reduction. Inside the block the Reshapes are replaced by one Concat per rank and element type
      (so a handful of outputs), only those are fetched, and elementwise running minima and maxima are kept in
-     one numpy array; ModelOpt's own ``compute_data`` then runs once on them, under the names it expects.
+     place, one array per output; ModelOpt's own ``compute_data`` then runs once on them, under the names it expects.
      Minimum of minima and maximum of maxima are what the per-sample merge computes (also for symmetric ranges
      and for the tensors a Concat makes share a range), so the scales are the same (tested, bit for bit). A
      moving average (order-dependent), per-channel ranges or a model saved with external data keep onnxruntime's
