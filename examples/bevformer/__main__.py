@@ -93,21 +93,22 @@ def cmd_demo(args) -> int:
 
 
 def last_layer_fidelity(float_path: Path, quant_path: Path, folder: Path, start: int, count: int) -> dict:
-    """Worst-sample cosine of every output and of the last decoder layer's heads, quantized vs FP32.
+    """Worst-sample cosine of the last decoder layer's class and box heads, quantized vs FP32.
 
     The validate pass compares whole outputs (all six decoder layers stacked); inference uses only the last one.
     """
-    import numpy as np
     import onnx
 
     from qdqkit.plugins import Session
+    from qdqkit.validation import cosine, evaluation_copy, evaluation_session
 
     from . import data as D
 
     ops = Session.start().custom_ops
     ops.register_onnx_schemas()
-    ref_s = ops.session(onnx.load(str(float_path)))
-    q_s = ops.session(onnx.load(str(quant_path)))
+    # run and measured as the validate pass does, so the two figures printed side by side compare
+    ref_s = evaluation_session(onnx.load(str(float_path)), ops)
+    q_s = evaluation_session(evaluation_copy(onnx.load(str(quant_path)), ops)[0], ops)
     arrays = D.load_folder(folder)
     frames = int(arrays["image"].shape[0])
     worst: dict[str, float] = {}
@@ -116,8 +117,7 @@ def last_layer_fidelity(float_path: Path, quant_path: Path, folder: Path, start:
         ref = ref_s.run(None, sample)
         got = q_s.run(None, sample)
         for name, r, g in (("outputs_classes[5]", ref[1][-1], got[1][-1]), ("outputs_coords[5]", ref[2][-1], got[2][-1])):
-            cos = float(np.dot(r.ravel(), g.ravel()) / (np.linalg.norm(r) * np.linalg.norm(g) + 1e-30))
-            worst[name] = min(worst.get(name, 1.0), cos)
+            worst[name] = min(worst.get(name, 1.0), cosine(r, g))
     return worst
 
 
