@@ -5,7 +5,7 @@ and the bundled example (examples/) side by side; they install as one namespace 
 (`passes`, `custom_ops`) lands at the top level of site-packages.
 """
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 PACKAGE_DIR = {
     "qdqkit": "qdqkit",
@@ -25,6 +25,10 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIR),
     package_dir=PACKAGE_DIR,
+    # patch 6's compiled histogram passes (qdqkit/modelopt_compat.py); optional: without a C compiler the
+    # install goes on and the patch runs its numpy code. IEEE arithmetic as numpy's: no FMA contraction.
+    ext_modules=[Extension("qdqkit._histogram", ["qdqkit/_histogram.c"], optional=True,
+                           extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math"])],
     package_data={"qdqkit.custom_ops": ["cuda/*.cu", "cuda/*.cuh", "cuda/*.h"]},
     install_requires=[
         "numpy",

@@ -22,7 +22,8 @@
    looks like.
 
 3. Histogram (--histogram-only). Patch 6's histogram of one float32 tensor against np.histogram, 128 bins, at
-   128K, 512K and 2M values (the counts are checked equal first).
+   128K, 512K and 2M values (the counts are checked equal first), with its compiled bin assignment
+   (qdqkit/_histogram.c, when pip could build it) and with its numpy code alone.
 
 Run: python benchmarks/qdq_calibration.py [--quick | --time-only | --histogram-only] [--grid G --width W]
      [--samples N1 N2] [--repeats R] [--compare] [--method max|entropy]
@@ -42,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -283,29 +285,45 @@ def memory_benchmark(grid: int, width: int, small: int, large: int) -> dict:
 def histogram_benchmark(repeats: int = 21) -> dict:
     """Patch 6's histogram of one float32 tensor (``_uniform_histogram``, 128 bins over the tensor's symmetric range
     as ModelOpt's first histogram takes it, no threads) against ``np.histogram`` of the same data, per size: the
-    median of ``repeats`` interleaved calls each. The flattening copies patch 6 also saves are not counted."""
+    median of ``repeats`` interleaved calls each, with its compiled bin assignment (qdqkit/_histogram.c, when
+    built) and with its numpy code alone. The extremes (numpy's in all three) are inside the timings; the
+    flattening copies patch 6 also saves are not counted."""
     from qdqkit import modelopt_compat
 
+    native = modelopt_compat._NATIVE
     rng = np.random.default_rng(0)
-    out: dict = {"bins": 128, "repeats": repeats}
+    out: dict = {"bins": 128, "repeats": repeats, "compiled_built": native is not None}
     for size in (1 << 17, 1 << 19, 1 << 21):
         x = (rng.standard_normal(size) * 2.5).astype(np.float32)
         t = float(np.max(np.abs(x)))
-        extremes = [(x.min(), x.max())]
         want = np.histogram(x, 128, range=(-t, t))[0]
-        if not np.array_equal(modelopt_compat._uniform_histogram([x], 128, (-t, t), extremes)[0], want):
-            raise AssertionError(f"patch 6's histogram differs from numpy's at {size} values")
-        ours, theirs = [], []
+
+        def ours(compiled: bool) -> Any:
+            modelopt_compat._NATIVE = native if compiled else None
+            try:
+                return modelopt_compat._uniform_histogram([x], 128, (-t, t), [(x.min(), x.max())])[0]
+            finally:
+                modelopt_compat._NATIVE = native
+
+        timings: dict = {"np_histogram": [], "patch6_numpy": []}
+        calls = {"np_histogram": lambda: np.histogram(x, 128, range=(-t, t)), "patch6_numpy": lambda: ours(False)}
+        if native is not None:
+            calls["patch6_compiled"] = lambda: ours(True)
+            timings["patch6_compiled"] = []
+        for name in ("patch6_numpy", "patch6_compiled"):
+            if name in calls and not np.array_equal(calls[name](), want):
+                raise AssertionError(f"patch 6's histogram ({name}) differs from numpy's at {size} values")
         for _ in range(repeats):
-            c = time.perf_counter()
-            modelopt_compat._uniform_histogram([x], 128, (-t, t), extremes)
-            ours.append(time.perf_counter() - c)
-            c = time.perf_counter()
-            np.histogram(x, 128, range=(-t, t))
-            theirs.append(time.perf_counter() - c)
-        out[f"{size}_values"] = {"np_histogram_ms": statistics.median(theirs) * 1e3,
-                                 "patch6_ms": statistics.median(ours) * 1e3,
-                                 "speedup": statistics.median(theirs) / statistics.median(ours)}
+            for name, call in calls.items():
+                c = time.perf_counter()
+                call()
+                timings[name].append(time.perf_counter() - c)
+        row = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in timings.items()}
+        row["speedup_numpy"] = row["np_histogram_ms"] / row["patch6_numpy_ms"]
+        if native is not None:
+            row["speedup_compiled"] = row["np_histogram_ms"] / row["patch6_compiled_ms"]
+            row["compiled_ns_per_value"] = row["patch6_compiled_ms"] * 1e6 / size
+        out[f"{size}_values"] = row
     return out
 
 

@@ -133,6 +133,8 @@ _SAMPLES = 8
 def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = False, method: str = "max",
                         direct: bool = False) -> dict:
     """Quantize the test model with the given patches; record what the calibration did."""
+    import weakref
+
     import numpy as np
     import onnxruntime as ort
     from modelopt.onnx.quantization import ort_patching, quantize
@@ -140,7 +142,7 @@ def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = Fa
     from onnxruntime.quantization.calibrate import HistogramCollector
 
     rec: dict = {"levels": [], "arena": [], "fetched": [], "compute_data": 0, "groups": None, "histograms": None,
-                 "collect_value": None}
+                 "collect_value": None, "alive": [], "refs": []}
     original_init, original_run = ort.InferenceSession.__init__, ort.InferenceSession.run
     original_compute = ort_patching._compute_data_minmax_calibrator
     original_result = HistogramCollector.compute_collection_result
@@ -153,7 +155,11 @@ def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = Fa
     def spy_run(self, output_names, *a, **k):
         if any(o.name.endswith("_ReduceMax") or o.name.startswith("qdqkit_minmax_") for o in self.get_outputs()):
             rec["fetched"].append(None if output_names is None else list(output_names))
-        return original_run(self, output_names, *a, **k)
+        # how many of the arrays the previous run returned are still held as this one starts
+        rec["alive"].append(sum(r() is not None for r in rec["refs"]))
+        outputs = original_run(self, output_names, *a, **k)
+        rec["refs"] = [weakref.ref(x) for x in outputs if isinstance(x, np.ndarray)]
+        return outputs
 
     def spy_compute(calibrator):
         rec["compute_data"] += 1
@@ -313,8 +319,41 @@ def _edge_heavy_data(dtype, n: int, seed: int):
     return a
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_histogram_pieces_are_numpys_bin_for_bin(dtype, monkeypatch):
+class _CountingNative:
+    """The compiled module, counting the pieces it histogrammed (so a test knows which path ran)."""
+
+    def __init__(self, native) -> None:
+        self.native, self.pieces = native, 0
+
+    def counts(self, *args):
+        done = self.native.counts(*args)
+        self.pieces += bool(done)
+        return done
+
+
+@pytest.fixture
+def native():
+    """The compiled module (qdqkit/_histogram.c); CI builds it, elsewhere it may be missing."""
+    if modelopt_compat._NATIVE is None:
+        if os.environ.get("CI"):
+            pytest.fail("qdqkit._histogram was not built (pip install -e . compiles it; is gcc missing?)")
+        pytest.skip("qdqkit._histogram is not built here (no C compiler at install time)")
+    return modelopt_compat._NATIVE
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def histogram_path(request, monkeypatch):
+    """Patch 6 with its compiled passes and with its numpy code alone."""
+    if request.param == "numpy":
+        monkeypatch.setattr(modelopt_compat, "_NATIVE", None)
+        return None
+    counting = _CountingNative(request.getfixturevalue("native"))
+    monkeypatch.setattr(modelopt_compat, "_NATIVE", counting)
+    return counting
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+def test_histogram_pieces_are_numpys_bin_for_bin(dtype, monkeypatch, histogram_path):
     import numpy as np
 
     monkeypatch.setattr(modelopt_compat, "_BLOCK", 4096)  # many blocks, and the small-input shortcut skipped
@@ -327,8 +366,9 @@ def test_histogram_pieces_are_numpys_bin_for_bin(dtype, monkeypatch):
               (-t * t.dtype.type(0.75), t * t.dtype.type(0.75)),  # data outside the range: numpy's mask
               (-t * t.dtype.type(1.25), t * t.dtype.type(1.25)),
               (0.0, 0.0)]  # an empty range, widened by numpy
+    bin_counts = (128, 2048, 1001) if dtype == "float32" else (128, 250)  # float16: few distinct edges
     for range_ in ranges:
-        for bins in (128, 2048, 1001) if dtype == "float32" else (128, 250):  # float16: few distinct edges
+        for bins in bin_counts:
             want = np.histogram(whole, bins, range=range_)
             got = modelopt_compat._uniform_histogram([a, b], bins, range_, [(p.min(), p.max()) for p in (a, b)])
             np.testing.assert_array_equal(got[0], want[0], err_msg=f"{range_} {bins}")
@@ -337,6 +377,26 @@ def test_histogram_pieces_are_numpys_bin_for_bin(dtype, monkeypatch):
     with_nan[7] = np.nan  # compared with the range element by element, as numpy does
     got = modelopt_compat._uniform_histogram([with_nan], 128, (-1.0, 1.0), [(np.min(with_nan), np.max(with_nan))])
     np.testing.assert_array_equal(got[0], np.histogram(with_nan, 128, range=(-1.0, 1.0))[0])
+    if histogram_path is not None and dtype != "float16":  # float16 data has no compiled variant
+        # the ranges that hold all the data ran compiled (the first, second and fourth), at every bin count, both
+        # pieces; the others need numpy's mask
+        assert histogram_path.pieces == 3 * len(bin_counts) * 2
+
+
+def test_compiled_counts_decline_what_they_cannot_place_and_leave_the_counts(native):
+    """Data outside the range (which the caller masks first) gives guesses past the bins: the compiled counts
+    return False and add nothing, so the caller's numpy code runs instead."""
+    import numpy as np
+
+    edges = np.linspace(-1.0, 1.0, 129)
+    hist = np.zeros(128, np.int64)
+    for x in (np.array([0.5, 3.0], np.float32), np.array([0.5, -3.0], np.float32), np.array([np.nan], np.float32)):
+        assert native.counts(x, edges, -1.0, 2.0, 128, True, True, hist) is False
+    assert not hist.any()
+    assert native.counts(np.array([-1.0, 0.0, 1.0], np.float32), edges, -1.0, 2.0, 128, True, True, hist) is True
+    assert hist[0] == hist[64] == hist[127] == 1 and hist.sum() == 3
+    with pytest.raises(ValueError):  # lengths that do not match are a caller's bug, not a fallback
+        native.counts(np.zeros(3, np.float32), edges[:-1], -1.0, 2.0, 128, True, True, hist)
 
 
 def _assert_same_histograms(got: dict, want: dict) -> None:
@@ -382,6 +442,19 @@ def test_entropy_histograms_copy_every_tensor_upstream_and_not_when_patched(tmp_
     # every sample's histogram, its edges, extremes and threshold; the tensors a Concat groups included
     _assert_same_histograms(rec["histograms"], upstream_entropy["histograms"])
     _assert_same_scales(rec["scales"], upstream_entropy["scales"])
+
+
+def test_entropy_calibration_holds_a_samples_tensors_into_the_next_run_upstream_and_not_when_patched(
+        tmp_path, upstream_entropy):
+    from modelopt.onnx.quantization import ort_patching
+
+    # upstream, the loop's locals keep every observed tensor of a sample alive while the next sample runs (twice
+    # the activations at once, and onnxruntime's arena grows to hold both)
+    assert max(upstream_entropy["alive"]) > 0
+    rec = _quantize_recording(tmp_path, fold=True, running=True, method="entropy", direct=True)
+    assert len(rec["alive"]) == len(upstream_entropy["alive"]) >= _SAMPLES and max(rec["alive"]) == 0
+    assert getattr(ort_patching._collect_data_histogram_calibrator, "qdqkit_original", None) is None  # restored
+    _assert_same_histograms(rec["histograms"], upstream_entropy["histograms"])
 
 
 def test_entropy_calibration_as_shipped_gives_modelopts_scales(tmp_path, upstream_entropy):
