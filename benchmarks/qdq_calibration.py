@@ -25,8 +25,11 @@
    128K, 512K and 2M values (the counts are checked equal first), with its compiled bin assignment
    (qdqkit/_histogram.c, when pip could build it) and with its numpy code alone.
 
+   With --bevformer, the same timing on BEVFormer-tiny as the demo's qdq pass receives it (its export, custom ops
+   detected and moved to trt.plugins, shapes inferred; the demo's synthetic frames as a .npy folder).
+
 Run: python benchmarks/qdq_calibration.py [--quick | --time-only | --histogram-only] [--grid G --width W]
-     [--samples N1 N2] [--repeats R] [--compare] [--method max|entropy]
+     [--samples N1 N2] [--repeats R] [--compare] [--method max|entropy] [--bevformer] [--plain-runs K]
 """
 
 from __future__ import annotations
@@ -129,17 +132,45 @@ def _spread(values: list[float]) -> dict:
             "all": [round(v, 3) for v in values]}
 
 
+def _bevformer(n2: int) -> tuple:
+    """BEVFormer-tiny as the qdq pass receives it in the demo (exported, custom ops detected and moved to
+    trt.plugins, shapes inferred), its registry, and a folder source of n2 + 1 synthetic frames (the demo's
+    generator; both cached)."""
+    from qdqkit.calib import builtin_source, model_inputs
+    from qdqkit.examples.bevformer.calib import generate, parse_spec
+    from qdqkit.examples.bevformer.export import export
+    from qdqkit.model import ModelHandle
+    from qdqkit.pass_infra import PassContext
+    from qdqkit.pipeline import Pipeline, steps_from_names
+    from qdqkit.plugins import Session
+
+    session = Session.start()
+    session.custom_ops.register_onnx_schemas()
+    handle = ModelHandle.load(export(log=lambda *a: None).onnx_path)
+    steps = steps_from_names("detect-custom-ops,trt-plugin-domain,infer-shapes")
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = PassContext(custom_ops=session.custom_ops, hook=session.hook, workdir=Path(tmp))
+        list(Pipeline(steps, session.passes, hook=session.hook).run(handle, ctx))
+    model = handle.proto
+    folder = generate(parse_spec(f"bevformer:frames={n2 + 1}"), log=lambda *a: None)
+    return model, session.custom_ops, builtin_source(str(folder), model_inputs(model))
+
+
 def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
-                   variants: tuple[str, ...] = ("shipped",), method: str = "max") -> dict:
+                   variants: tuple[str, ...] = ("shipped",), method: str = "max", bevformer: bool = False,
+                   plain_runs: int | None = None) -> dict:
     from qdqkit.calib import ArraySource, model_inputs
 
     load_before = os.getloadavg()
-    registry = _registry()
-    model = qdq_models.transformer_msda(grid=grid, width=width)
-    images = qdq_models.calibration_images(n2, size=2 * grid)
-    source = ArraySource({"image": images}, model_inputs(model), "memory")
+    if bevformer:
+        model, registry, source = _bevformer(n2)
+    else:
+        registry = _registry()
+        model = qdq_models.transformer_msda(grid=grid, width=width)
+        images = qdq_models.calibration_images(n2, size=2 * grid)
+        source = ArraySource({"image": images}, model_inputs(model), "memory")
     sess = registry.session(model)
-    _plain_ms(sess, source, n2, 5)
+    _plain_ms(sess, source, n2, 2 if bevformer else 5)
     # Calibration observes every intermediate tensor, which rules out onnxruntime's fused plan; the same model
     # run without graph optimizations is the floor for that kind of execution.
     import onnxruntime as ort
@@ -147,8 +178,8 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     unfused_sess = registry.session(model, sess_options=so)
-    _plain_ms(unfused_sess, source, n2, 5)
-    runs = max(30, n2 // 4)
+    _plain_ms(unfused_sess, source, n2, 2 if bevformer else 5)
+    runs = plain_runs or max(30, n2 // 4)
     scales: dict[str, dict] = {name: {} for name in variants}
     for name in variants:  # warm (imports, first-call work); the scales of each configuration, to compare
         with _variant(name):
@@ -180,8 +211,9 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
     with tempfile.TemporaryDirectory() as tmp:
         from qdqkit.calib import SampleReader, builtin_source
 
-        np.save(Path(tmp) / "image.npy", images)
-        folder = builtin_source(tmp, model_inputs(model))
+        if not bevformer:
+            np.save(Path(tmp) / "image.npy", images)
+        folder = source if bevformer else builtin_source(tmp, model_inputs(model))
         t = time.perf_counter()
         for _ in SampleReader(folder, 0, n2):
             pass
@@ -190,7 +222,8 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
     out: dict = {
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        "model": f"transformer_msda(grid={grid}, width={width}), input [1,3,{2 * grid},{2 * grid}]",
+        "model": "BEVFormer-tiny (the demo's export and synthetic frames)" if bevformer else
+                 f"transformer_msda(grid={grid}, width={width}), input [1,3,{2 * grid},{2 * grid}]",
         "calibration_method": method, "samples": [n1, n2], "repeats": repeats,
         "plain_inference_ms": plain_ms,
         "plain_unfused_inference_ms": statistics.median(unfused_all),
@@ -342,6 +375,10 @@ def main() -> None:
                          "comes, interleaved in the same repeats")
     ap.add_argument("--method", choices=("max", "entropy"), default="max",
                     help="calibration method timed (default max; the memory part always uses max)")
+    ap.add_argument("--bevformer", action="store_true",
+                    help="time BEVFormer-tiny (the demo's model and synthetic frames) instead of the test model; "
+                         "with --time-only, e.g. --method entropy --samples 2 8 --repeats 1 --plain-runs 5")
+    ap.add_argument("--plain-runs", type=int, help="plain inferences per block (default max(30, N2/4))")
     ap.add_argument("--histogram-only", action="store_true",
                     help="only patch 6's histogram of one tensor against np.histogram (128K, 512K, 2M values)")
     args = ap.parse_args()
@@ -355,7 +392,8 @@ def main() -> None:
     variants = ("shipped", _WITHOUT[args.method], "modelopt-as-it-comes") if args.compare else ("shipped",)
     n1, n2 = args.samples
     if args.time_only:
-        figures = {"time": time_benchmark(args.grid, args.width, n1, n2, args.repeats, variants, args.method)}
+        figures = {"time": time_benchmark(args.grid, args.width, n1, n2, args.repeats, variants, args.method,
+                                          args.bevformer, args.plain_runs)}
     elif args.quick:
         figures = {"time": time_benchmark(8, 32, n1, n2, 3, variants, args.method),
                    "memory": memory_benchmark(16, 32, 64, 512)}

@@ -457,6 +457,42 @@ def test_entropy_calibration_holds_a_samples_tensors_into_the_next_run_upstream_
     _assert_same_histograms(rec["histograms"], upstream_entropy["histograms"])
 
 
+def test_entropy_histograms_through_qdqkits_reader_are_modelopts(monkeypatch):
+    """Through qdqkit's back end and sample reader, whose arrays live only as long as the sample: an observed
+    graph input comes back from onnxruntime over the feed's own memory, so the loop must keep the feed until the
+    sample is collected (it did not, once: the input's histograms were built from freed memory)."""
+    import contextlib
+    import io
+
+    import numpy as np
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from qdqkit.calib import ArraySource, SampleReader, model_inputs
+    from qdqkit.customops import CustomOpRegistry
+    from qdqkit.quant_backends import ModelOptBackend, QuantJob
+
+    model = _conv_mlp_model()
+    data = np.random.default_rng(3).standard_normal((_SAMPLES, 8, 16, 16)).astype("float32")
+    source = ArraySource({"x": data}, model_inputs(model), "memory")
+    original = HistogramCollector.compute_collection_result
+    got: dict = {}
+
+    def spy(collector):
+        got[len(got)] = {k: tuple(v) for k, v in collector.histogram_dict.items()}
+        return original(collector)
+
+    monkeypatch.setattr(HistogramCollector, "compute_collection_result", spy)
+    for loop in (True, False):  # patch 7's loop, then ModelOpt's (all else as shipped)
+        if not loop:
+            monkeypatch.setattr(modelopt_compat, "_releasing_histogram_loop", lambda original: original)
+        job = QuantJob(reader=SampleReader(source, 0, _SAMPLES), custom_ops=CustomOpRegistry(),
+                       calibration_method="entropy")
+        with contextlib.redirect_stdout(io.StringIO()):
+            ModelOptBackend().quantize(model, job)
+    assert "x" in got[0]  # the graph input is observed
+    _assert_same_histograms(got[0], got[1])
+
+
 def test_entropy_calibration_as_shipped_gives_modelopts_scales(tmp_path, upstream_entropy):
     rec = _quantize_recording(tmp_path, fold=True, running=True, method="entropy", direct=True)
     _assert_same_histograms(rec["histograms"], upstream_entropy["histograms"])
