@@ -26,7 +26,8 @@
    (qdqkit/_histogram.c, when pip could build it) and with its numpy code alone.
 
    With --bevformer, the same timing on BEVFormer-tiny as the demo's qdq pass receives it (its export, custom ops
-   detected and moved to trt.plugins, shapes inferred; the demo's synthetic frames as a .npy folder).
+   detected and moved to trt.plugins, shapes inferred; the demo's synthetic frames as a .npy folder; every MatMul
+   excluded, as by the bevformer-int8 recipe).
 
 Run: python benchmarks/qdq_calibration.py [--quick | --time-only | --histogram-only] [--grid G --width W]
      [--samples N1 N2] [--repeats R] [--compare] [--method max|entropy] [--bevformer] [--plain-runs K]
@@ -64,12 +65,12 @@ def _registry():
 
 
 def _calibrate(model, source, registry, n: int, scales: dict | None = None, cpu: list | None = None,
-               method: str = "max") -> float:
+               method: str = "max", exclude: list[str] | None = None) -> float:
     from qdqkit.calib import SampleReader
     from qdqkit.quant_backends import ModelOptBackend, QuantJob
 
     job = QuantJob(reader=SampleReader(source, 0, n), custom_ops=registry, calibration_method=method,
-                   high_precision="fp32", nodes_to_exclude=[])
+                   high_precision="fp32", nodes_to_exclude=exclude or [])
     t, c = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's histogram calibration prints every sample
         quantized = ModelOptBackend().quantize(model, job)
@@ -134,8 +135,8 @@ def _spread(values: list[float]) -> dict:
 
 def _bevformer(n2: int) -> tuple:
     """BEVFormer-tiny as the qdq pass receives it in the demo (exported, custom ops detected and moved to
-    trt.plugins, shapes inferred), its registry, and a folder source of n2 + 1 synthetic frames (the demo's
-    generator; both cached)."""
+    trt.plugins, shapes inferred), its registry, a folder source of n2 + 1 synthetic frames (the demo's
+    generator; both cached), and the nodes the demo's bevformer-int8 recipe excludes (every MatMul)."""
     from qdqkit.calib import builtin_source, model_inputs
     from qdqkit.examples.bevformer.calib import generate, parse_spec
     from qdqkit.examples.bevformer.export import export
@@ -153,7 +154,8 @@ def _bevformer(n2: int) -> tuple:
         list(Pipeline(steps, session.passes, hook=session.hook).run(handle, ctx))
     model = handle.proto
     folder = generate(parse_spec(f"bevformer:frames={n2 + 1}"), log=lambda *a: None)
-    return model, session.custom_ops, builtin_source(str(folder), model_inputs(model))
+    exclude = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    return model, session.custom_ops, builtin_source(str(folder), model_inputs(model)), exclude
 
 
 def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
@@ -162,8 +164,9 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
     from qdqkit.calib import ArraySource, model_inputs
 
     load_before = os.getloadavg()
+    exclude = None
     if bevformer:
-        model, registry, source = _bevformer(n2)
+        model, registry, source, exclude = _bevformer(n2)
     else:
         registry = _registry()
         model = qdq_models.transformer_msda(grid=grid, width=width)
@@ -183,7 +186,7 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
     scales: dict[str, dict] = {name: {} for name in variants}
     for name in variants:  # warm (imports, first-call work); the scales of each configuration, to compare
         with _variant(name):
-            _calibrate(model, source, registry, n1, scales[name], method=method)
+            _calibrate(model, source, registry, n1, scales[name], method=method, exclude=exclude)
     # Interleaved: a block of plain inferences before and after every calibration, so that a change in the
     # machine's other load hits both sides of a ratio alike; the order of N1 and N2 alternates between repeats.
     rows: dict[str, list[dict]] = {name: [] for name in variants}
@@ -196,7 +199,7 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
             with _variant(name):
                 for n in order:
                     c: list[float] = []
-                    seconds[n] = _calibrate(model, source, registry, n, cpu=c, method=method)
+                    seconds[n] = _calibrate(model, source, registry, n, cpu=c, method=method, exclude=exclude)
                     cpu[n] = c[0]
                     plain.append(_plain_ms(sess, source, n2, runs, plain_cpu))
             plain_ms = statistics.median(plain)
@@ -222,7 +225,7 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
     out: dict = {
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        "model": "BEVFormer-tiny (the demo's export and synthetic frames)" if bevformer else
+        "model": "BEVFormer-tiny (the demo's export and synthetic frames, every MatMul excluded)" if bevformer else
                  f"transformer_msda(grid={grid}, width={width}), input [1,3,{2 * grid},{2 * grid}]",
         "calibration_method": method, "samples": [n1, n2], "repeats": repeats,
         "plain_inference_ms": plain_ms,
