@@ -448,26 +448,23 @@ def _load_native() -> Any:
 _NATIVE = _load_native()
 
 
-def _native_modes(edge_dtype: Any, first: Any, denom: Any, bins: int) -> tuple | None:
+def _native_modes(edge_dtype: Any, work: dict, denom: Any) -> tuple | None:
     """The compiled counts' arguments that say in which dtypes numpy computes the difference and the quotient of
-    ``_bin_estimate`` for edges of ``edge_dtype`` (asked of numpy itself), or None where the compiled code has no
-    such variant (or is missing). ``first`` and ``denom`` then go over as Python floats and are converted back to
-    those dtypes in C, as numpy converts them: exactly, or for a float32 difference from a Python float, to
-    nearest."""
+    ``_bin_estimate`` for edges of ``edge_dtype`` (the dtypes of ``work``, the buffers ``_estimate_buffers`` made
+    by asking numpy), or None where the compiled code has no such variant (or is missing). ``first`` and
+    ``denom`` then go over as Python floats and are converted back to those dtypes in C, as numpy converts them:
+    exactly, or for a float32 difference from a Python float, to nearest."""
     import numpy as np
 
     if _NATIVE is None:
         return None
-    probe = np.zeros(1, edge_dtype)
-    shifted = np.subtract(probe, first, dtype=np.result_type(probe, first))
-    f = (shifted / denom) * bins
-    kinds = (np.dtype(edge_dtype), shifted.dtype, f.dtype)
+    shifted, f = work["shifted"].dtype, work["f"].dtype
     known = {(np.dtype(a), np.dtype(b), np.dtype(c)) for a, b, c in
              (("f4", "f4", "f4"), ("f4", "f4", "f8"), ("f8", "f8", "f8"))}
-    if kinds not in known or np.dtype(type(denom)).kind != "f" or \
-            (f.dtype == np.float32 and np.float32(denom) != denom):
+    if (np.dtype(edge_dtype), shifted, f) not in known or np.dtype(type(denom)).kind != "f" or \
+            (f == np.float32 and np.float32(denom) != denom):
         return None
-    return shifted.dtype == np.float64, f.dtype == np.float64
+    return shifted == np.float64, f == np.float64
 
 
 def _uniform_histogram(pieces: list, bins: int, range_: tuple, extremes: list) -> tuple:
@@ -513,7 +510,7 @@ def _uniform_histogram(pieces: list, bins: int, range_: tuple, extremes: list) -
         below_bound = np.max(f_low - k)
         above_bound = np.min(f_high - k[:-1]) if bins > 1 else np.inf
     work = _estimate_buffers(edges.dtype, first, denom, bins)
-    native = _native_modes(edges.dtype, first, denom, bins)
+    native = _native_modes(edges.dtype, work, denom)
     for piece, (lo, hi) in zip(pieces, extremes):
         ends = np.array([lo, hi], dtype=piece.dtype)
         inside = bool(np.logical_and.reduce((ends >= first) & (ends <= last)))
