@@ -22,8 +22,9 @@
    looks like.
 
 3. Histogram (--histogram-only). Patch 6's histogram of one float32 tensor against np.histogram, 128 bins, at
-   128K, 512K and 2M values (the counts are checked equal first), with its compiled bin assignment
-   (qdqkit/_histogram.c, when pip could build it) and with its numpy code alone.
+   128K, 512K, 2M and 8M values, over a first histogram's range and a merge's (the counts are checked equal
+   first), with its compiled bin assignment (qdqkit/_histogram.c, when pip could build it; scalar, and AVX-512
+   where the processor has it) and with its numpy code alone.
 
    With --bevformer, the same timing on BEVFormer-tiny as the demo's qdq pass receives it (its export, custom ops
    detected and moved to trt.plugins, shapes inferred; the demo's synthetic frames as a .npy folder; every MatMul
@@ -319,47 +320,55 @@ def memory_benchmark(grid: int, width: int, small: int, large: int) -> dict:
 
 
 def histogram_benchmark(repeats: int = 21) -> dict:
-    """Patch 6's histogram of one float32 tensor (``_uniform_histogram``, 128 bins over the tensor's symmetric range
-    as ModelOpt's first histogram takes it, no threads) against ``np.histogram`` of the same data, per size: the
-    median of ``repeats`` interleaved calls each, with its compiled bin assignment (qdqkit/_histogram.c, when
-    built) and with its numpy code alone. The extremes (numpy's in all three) are inside the timings; the
-    flattening copies patch 6 also saves are not counted."""
+    """Patch 6's histogram of one float32 tensor (``_uniform_histogram``, 128 bins over the tensor's symmetric range,
+    no threads) against ``np.histogram`` of the same data, per size and per range: as ModelOpt's first histogram
+    takes it (Python floats: numpy's quotient in float64) and as onnxruntime's merge does (float32 thresholds: the
+    quotient in float32). The median of ``repeats`` interleaved calls each: with its numpy code alone, and with
+    its compiled bin assignment (qdqkit/_histogram.c, when built) at each level this processor runs (scalar, and
+    AVX-512 where it has it). The extremes (numpy's in all) are inside the timings; the flattening copies patch 6
+    also saves are not counted. 8M values (32 MB) no longer fit in this machine's caches."""
     from qdqkit import modelopt_compat
 
     native = modelopt_compat._NATIVE
+    levels = native.simd_levels() if native is not None else ()
+    level_before = native.simd() if native is not None else None
     rng = np.random.default_rng(0)
-    out: dict = {"bins": 128, "repeats": repeats, "compiled_built": native is not None}
-    for size in (1 << 17, 1 << 19, 1 << 21):
+    out: dict = {"bins": 128, "repeats": repeats, "compiled_built": native is not None, "compiled_levels": levels}
+    for size in (1 << 17, 1 << 19, 1 << 21, 1 << 23):
         x = (rng.standard_normal(size) * 2.5).astype(np.float32)
-        t = float(np.max(np.abs(x)))
-        want = np.histogram(x, 128, range=(-t, t))[0]
+        t32 = np.max(np.abs(x))
+        for range_name, range_ in (("first", (-float(t32), float(t32))), ("merge", (-t32, t32))):
+            want = np.histogram(x, 128, range=range_)[0]
 
-        def ours(compiled: bool) -> Any:
-            modelopt_compat._NATIVE = native if compiled else None
-            try:
-                return modelopt_compat._uniform_histogram([x], 128, (-t, t), [(x.min(), x.max())])[0]
-            finally:
-                modelopt_compat._NATIVE = native
+            def ours(level: str | None, range_: tuple = range_) -> Any:
+                modelopt_compat._NATIVE = native if level else None
+                if level:
+                    native.simd(level)
+                try:
+                    return modelopt_compat._uniform_histogram([x], 128, range_, [(x.min(), x.max())])[0]
+                finally:
+                    modelopt_compat._NATIVE = native
 
-        timings: dict = {"np_histogram": [], "patch6_numpy": []}
-        calls = {"np_histogram": lambda: np.histogram(x, 128, range=(-t, t)), "patch6_numpy": lambda: ours(False)}
-        if native is not None:
-            calls["patch6_compiled"] = lambda: ours(True)
-            timings["patch6_compiled"] = []
-        for name in ("patch6_numpy", "patch6_compiled"):
-            if name in calls and not np.array_equal(calls[name](), want):
-                raise AssertionError(f"patch 6's histogram ({name}) differs from numpy's at {size} values")
-        for _ in range(repeats):
+            calls = {"np_histogram": lambda range_=range_: np.histogram(x, 128, range=range_),
+                     "patch6_numpy": lambda: ours(None)}
+            calls.update({f"patch6_{level}": functools.partial(ours, level) for level in levels})
             for name, call in calls.items():
-                c = time.perf_counter()
-                call()
-                timings[name].append(time.perf_counter() - c)
-        row = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in timings.items()}
-        row["speedup_numpy"] = row["np_histogram_ms"] / row["patch6_numpy_ms"]
-        if native is not None:
-            row["speedup_compiled"] = row["np_histogram_ms"] / row["patch6_compiled_ms"]
-            row["compiled_ns_per_value"] = row["patch6_compiled_ms"] * 1e6 / size
-        out[f"{size}_values"] = row
+                if name != "np_histogram" and not np.array_equal(call(), want):
+                    raise AssertionError(f"patch 6's histogram ({name}) differs from numpy's at {size} values")
+            timings: dict = {name: [] for name in calls}
+            for _ in range(repeats if size < (1 << 23) else max(3, repeats // 3)):
+                for name, call in calls.items():
+                    c = time.perf_counter()
+                    call()
+                    timings[name].append(time.perf_counter() - c)
+            row = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in timings.items()}
+            for name in calls:
+                if name != "np_histogram":
+                    row[f"speedup_{name[7:]}"] = row["np_histogram_ms"] / row[f"{name}_ms"]
+                    row[f"{name[7:]}_ns_per_value"] = row[f"{name}_ms"] * 1e6 / size
+            out[f"{size}_values_{range_name}"] = row
+    if native is not None:
+        native.simd(level_before)
     return out
 
 
@@ -383,7 +392,7 @@ def main() -> None:
                          "with --time-only, e.g. --method entropy --samples 2 8 --repeats 1 --plain-runs 5")
     ap.add_argument("--plain-runs", type=int, help="plain inferences per block (default max(30, N2/4))")
     ap.add_argument("--histogram-only", action="store_true",
-                    help="only patch 6's histogram of one tensor against np.histogram (128K, 512K, 2M values)")
+                    help="only patch 6's histogram of one tensor against np.histogram (128K to 8M values)")
     args = ap.parse_args()
     if args.histogram_only:
         print(json.dumps({"histogram": histogram_benchmark()}, indent=2))

@@ -331,25 +331,39 @@ class _CountingNative:
         return done
 
 
-@pytest.fixture
-def native():
-    """The compiled module (qdqkit/_histogram.c); CI builds it, elsewhere it may be missing."""
+def _native_at(level: str):
+    """The compiled module (qdqkit/_histogram.c) set to run at ``level`` ("avx512" where the processor has it, or
+    "scalar"); a generator that puts the level back. CI builds the module, elsewhere it may be missing."""
     if modelopt_compat._NATIVE is None:
         if os.environ.get("CI"):
             pytest.fail("qdqkit._histogram was not built (pip install -e . compiles it; is gcc missing?)")
         pytest.skip("qdqkit._histogram is not built here (no C compiler at install time)")
-    return modelopt_compat._NATIVE
+    native = modelopt_compat._NATIVE
+    if level not in native.simd_levels():
+        pytest.skip(f"this processor has no {level}")
+    before = native.simd()
+    native.simd(level)
+    yield native
+    native.simd(before)
 
 
-@pytest.fixture(params=["compiled", "numpy"])
+@pytest.fixture(params=["avx512", "scalar"])
+def native(request):
+    """The compiled module at each of its levels."""
+    yield from _native_at(request.param)
+
+
+@pytest.fixture(params=["avx512", "scalar", "numpy"])
 def histogram_path(request, monkeypatch):
-    """Patch 6 with its compiled passes and with its numpy code alone."""
+    """Patch 6 with its compiled passes (at each level) and with its numpy code alone."""
     if request.param == "numpy":
         monkeypatch.setattr(modelopt_compat, "_NATIVE", None)
-        return None
-    counting = _CountingNative(request.getfixturevalue("native"))
-    monkeypatch.setattr(modelopt_compat, "_NATIVE", counting)
-    return counting
+        yield None
+        return
+    for native in _native_at(request.param):
+        counting = _CountingNative(native)
+        monkeypatch.setattr(modelopt_compat, "_NATIVE", counting)
+        yield counting
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
@@ -388,15 +402,42 @@ def test_compiled_counts_decline_what_they_cannot_place_and_leave_the_counts(nat
     return False and add nothing, so the caller's numpy code runs instead."""
     import numpy as np
 
-    edges = np.linspace(-1.0, 1.0, 129)
-    hist = np.zeros(128, np.int64)
-    for x in (np.array([0.5, 3.0], np.float32), np.array([0.5, -3.0], np.float32), np.array([np.nan], np.float32)):
-        assert native.counts(x, edges, -1.0, 2.0, 128, True, True, hist) is False
-    assert not hist.any()
-    assert native.counts(np.array([-1.0, 0.0, 1.0], np.float32), edges, -1.0, 2.0, 128, True, True, hist) is True
-    assert hist[0] == hist[64] == hist[127] == 1 and hist.sum() == 3
+    for edge_dtype, modes in ((np.float64, (True, True)), (np.float32, (False, False)), (np.float32, (False, True))):
+        edges = np.linspace(-1.0, 1.0, 129).astype(edge_dtype)
+        hist = np.zeros(128, np.int64)
+        for x in ([0.5, 3.0], [0.5, -3.0], [np.nan], [0.25] * 37 + [np.nan], [0.25] * 40 + [-1.5] + [0.5] * 3):
+            assert native.counts(np.array(x, np.float32), edges, -1.0, 2.0, 128, *modes, hist) is False, x
+        assert not hist.any()
+        ends = np.array([-1.0, 0.0, 1.0], np.float32)
+        assert native.counts(ends, edges, -1.0, 2.0, 128, *modes, hist) is True
+        assert hist[0] == hist[64] == hist[127] == 1 and hist.sum() == 3
     with pytest.raises(ValueError):  # lengths that do not match are a caller's bug, not a fallback
         native.counts(np.zeros(3, np.float32), edges[:-1], -1.0, 2.0, 128, True, True, hist)
+
+
+@pytest.mark.parametrize("quotient_double", [False, True])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 4099])
+def test_compiled_counts_are_numpys_where_edges_are_far_from_their_guesses(native, n, quotient_double):
+    """200 bins one float32 apart (1e7 + k): the float just below an edge lies a whole bin below it, so no bound
+    on the guesses holds and every element is compared with its edges, and some of the guesses (k / 200 * 200
+    rounded) are a bin low. Lengths around the vector width cover the partial last vector."""
+    import numpy as np
+
+    bins = 200
+    lo, hi = np.float32(1e7), np.float32(1e7 + bins)
+    x = np.arange(float(lo), float(hi) + 1, dtype=np.float32)  # every edge
+    x = np.resize(np.random.default_rng(n).permutation(x), n)
+    range_ = (lo, hi) if not quotient_double else (float(lo), float(hi))  # numpy scalars or Python floats
+    want, edges = np.histogram(x, bins, range=range_)
+    denom = np.subtract(range_[1], range_[0])
+    modes = modelopt_compat._native_modes(edges.dtype, modelopt_compat._estimate_buffers(
+        edges.dtype, range_[0], denom, bins), denom)
+    assert modes == (False, quotient_double)
+    guesses = np.minimum((((x - range_[0]) / denom) * bins).astype(np.intp), bins - 1)
+    assert n < bins or np.any(guesses != np.searchsorted(edges, x, side="right").clip(1, bins) - 1)
+    hist = np.zeros(bins, np.int64)
+    assert native.counts(x, edges, float(range_[0]), float(denom), bins, *modes, hist) is True
+    np.testing.assert_array_equal(hist, want)
 
 
 def _assert_same_histograms(got: dict, want: dict) -> None:
