@@ -218,6 +218,12 @@ def bench_msda(bw, quick=False):
             ks = [lambda s=s: cuda.ms_deform_attn(s[0], dev_sh, s[1], s[2], s[3], out=s[4], strategy="global",
                                                   _coop=True) for s in sets]
             forms["coop"] = time_graph(ks)[0]
+            forms["packed"] = forms["pack"] = None
+            if dt == torch.float16 and len(shapes) == 1 and D == 32 and P in (4, 8):
+                ks = [lambda s=s: cuda.ms_deform_attn(s[0], dev_sh, s[1], s[2], s[3], out=s[4], strategy="global",
+                                                      _packed=True) for s in sets]
+                forms["packed"] = time_graph(ks)[0]
+                forms["pack"] = time_graph([lambda s=s: cuda.msda_pack(s[0], dev_sh) for s in sets])[0]
             scales = [torch.tensor([w_, h_], dtype=dt, device="cuda") for h_, w_ in shapes_hw]
             form = [lambda s=s: msda_formulation(s[0], shapes_hw, s[1], s[2], s[3], scales) for s in sets]
             t_f, _ = time_graph(form, reps=10)
@@ -227,7 +233,8 @@ def bench_msda(bw, quick=False):
             target = max(4 * floor, 10.0)
             record(op="msda", case=name, dtype=str(dt).split(".")[-1], sets=k, bytes=set_bytes, floor_us=floor,
                    kernel_us=t_k, kernel_us_repeat=t_k2, kernel_eager_us=t_eager, global_us=forms["global"],
-                   smem_us=forms["smem"], lanes_us=forms["lanes"], coop_us=forms["coop"], formulation_us=t_f, formulation_eager_us=t_fe,
+                   smem_us=forms["smem"], lanes_us=forms["lanes"], coop_us=forms["coop"], packed_us=forms["packed"],
+                   pack_only_us=forms["pack"], formulation_us=t_f, formulation_eager_us=t_fe,
                    project_torch_us=t_p, target_us=target, within_target=t_k <= target,
                    speedup_vs_formulation=t_f / t_k, meets_25x=t_f / t_k >= 25)
             del sets
@@ -262,9 +269,15 @@ def bench_msda(bw, quick=False):
                                                    weight_scale=0.03, out_scale=0.01, out=s[4], strategy="global",
                                                    _coop=True) for s in sets]
         forms["coop"] = time_graph(ks)[0]
+        ks = [lambda s=s: cuda.ms_deform_attn_int8(s[0], dev_sh, s[1], s[2], s[3], value_scale=0.02, offset_scale=0.05,
+                                                   weight_scale=0.03, out_scale=0.01, out=s[4], strategy="global",
+                                                   _packed=True) for s in sets]
+        forms["packed"] = time_graph(ks)[0]
+        forms["pack"] = time_graph([lambda s=s: cuda.msda_pack(s[0], dev_sh) for s in sets])[0]
         record(op="msda", case=name, dtype="int8", sets=k, bytes=set_bytes, floor_us=floor, kernel_us=t_k,
                kernel_us_repeat=t_k2, kernel_eager_us=time_eager(kern), global_us=forms["global"],
-               smem_us=forms["smem"], lanes_us=forms["lanes"], coop_us=forms["coop"], formulation_us=None, project_torch_us=None,
+               smem_us=forms["smem"], lanes_us=forms["lanes"], coop_us=forms["coop"], packed_us=forms["packed"],
+               pack_only_us=forms["pack"], formulation_us=None, project_torch_us=None,
                target_us=max(4 * floor, 10.0), within_target=t_k <= max(4 * floor, 10.0),
                speedup_vs_formulation=None, meets_25x=None)
         del sets
@@ -410,7 +423,7 @@ def fmt(v, nd=1):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["msda", "rotate", "dcn", "accuracy"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["msda", "sweep", "rotate", "dcn", "accuracy"])
     args = ap.parse_args(argv)
     if not cuda.available():
         print(f"gpu_ops: {cuda.unavailable_reason()}", file=sys.stderr)
@@ -428,7 +441,8 @@ def main(argv=None):
     for r in acc:
         print(f"accuracy {r[0]:7s} {r[1]:9s} {r[2]:8s} rel_err={r[3]:.2e}", flush=True)
     if "msda" not in args.skip:
-        bench_msda_vec_sweep()
+        if "sweep" not in args.skip:
+            bench_msda_vec_sweep()
         bench_msda(bw)
     if "rotate" not in args.skip:
         bench_rotate(bw)
@@ -446,7 +460,7 @@ def main(argv=None):
           f"fp32 {rates['fp32'] / 1e12:.0f} TFLOP/s; a one-element kernel in a graph {head['launch_floor_us']:.1f} us; "
           f"{time.time() - t0:.0f} s")
     print(f"{'op':6} {'case':12} {'dtype':7} {'floor':>7} {'kernel':>8} {'(rep)':>7} {'global':>7} {'smem':>7} "
-          f"{'lanes':>7} {'coop':>7} "
+          f"{'lanes':>7} {'coop':>7} {'packed':>7} {'pack':>6} "
           f"{'eager':>7} {'form.':>8} {'f.eager':>8} {'proj.':>8} {'x form':>7} {'target':>7} ok")
     for r in RESULTS:
         ok = r.get("within_target", r.get("within_4x_floor"))
@@ -454,7 +468,8 @@ def main(argv=None):
             ok = ok and r["meets_25x"]
         print(f"{r['op']:6} {r['case']:12} {r['dtype']:7} {fmt(r['floor_us'])} {fmt(r['kernel_us']):>8} "
               f"{fmt(r['kernel_us_repeat']):>7} {fmt(r.get('global_us')):>7} {fmt(r.get('smem_us')):>7} "
-              f"{fmt(r.get('lanes_us')):>7} {fmt(r.get('coop_us')):>7} "
+              f"{fmt(r.get('lanes_us')):>7} {fmt(r.get('coop_us')):>7} {fmt(r.get('packed_us')):>7} "
+              f"{fmt(r.get('pack_only_us')):>6} "
               f"{fmt(r.get('kernel_eager_us', r.get('direct_kernel_us'))):>7} "
               f"{fmt(r['formulation_us']):>8} {fmt(r.get('formulation_eager_us')):>8} "
               f"{fmt(r.get('project_torch_us', r.get('torchvision_us'))):>8} "
@@ -463,7 +478,8 @@ def main(argv=None):
           "f.eager = the formulation in an eager loop; "
           "proj. = torch_ops plain-PyTorch forward eager, or torchvision deform_conv2d for dcn; dcn 'eager' column = "
           "direct single kernel; kernel = auto form, global/smem = each MSDA form forced; lanes / coop = the global form with the per-lane / the "
-          "cooperative D = 32 kernels forced)")
+          "cooperative D = 32 kernels forced; packed = the packed form forced (copy + gather), pack = its copy kernel "
+          "alone)")
     return 0
 
 

@@ -4,6 +4,8 @@ Not a timing script: ncu replays each kernel and reports throughput and occupanc
 it (issue, latency, L1/shared memory, L2 or DRAM).
 """
 
+import sys
+
 import numpy as np
 import torch
 
@@ -11,7 +13,7 @@ from qdqkit.custom_ops import cuda
 from qdqkit.custom_ops.cuda import testing as T
 
 rng = np.random.default_rng(0)
-for name in ("tsa", "sca", "decoder"):
+for name in sys.argv[1:] or ("tsa", "sca", "decoder"):
     B, shapes, M, D, Q, P, G = T.BEVFORMER_TINY_MSDA[name]
     inp = T.msda_inputs(rng, B, shapes, M, D, Q, P, G)
     for dt in (torch.float16, torch.float32):
@@ -22,10 +24,15 @@ for name in ("tsa", "sca", "decoder"):
                 continue
             cuda.ms_deform_attn(*args, strategy=strategy)
         cuda.ms_deform_attn(*args, strategy="global", _coop=False)
+        cuda.ms_deform_attn(*args, strategy="global", _coop=True)
+        if dt == torch.float16:
+            cuda.ms_deform_attn(*args, strategy="global", _packed=True)
     q8 = [torch.tensor(T.quantize_int8(a)[0], device="cuda") for a in (inp.value, inp.sampling_offsets,
                                                                        inp.attention_weights)]
-    cuda.ms_deform_attn_int8(q8[0], torch.tensor(inp.spatial_shapes, device="cuda"),
-                             torch.tensor(inp.reference_points, dtype=torch.float32, device="cuda"), q8[1], q8[2],
-                             value_scale=0.02, offset_scale=0.05, weight_scale=0.03, out_scale=0.01)
+    for packed in (False, True):
+        cuda.ms_deform_attn_int8(q8[0], torch.tensor(inp.spatial_shapes, device="cuda"),
+                                 torch.tensor(inp.reference_points, dtype=torch.float32, device="cuda"), q8[1], q8[2],
+                                 value_scale=0.02, offset_scale=0.05, weight_scale=0.03, out_scale=0.01,
+                                 _packed=packed)
 torch.cuda.synchronize()
 print("profiled kernels ran")

@@ -308,13 +308,76 @@ def use_coop(kind: str, D, L, P, groups: Optional[int]) -> bool:
             and (groups is None or groups >= COOP_MIN_GROUPS))
 
 
+# The packed form (msda.cu: msda_pack_<type> copies value into a corner-packed workspace, msda_pk_lp<P>_<type>
+# gathers from it; fp16 and int8 only, for D = 32, one level, 4 or 8 points). Where it is the default: the point
+# counts below, for calls that take the cooperative kernels (use_coop), as measured on an H100 at the BEVFormer-tiny
+# shapes (benchmarks/GPU_NOTES.md, R14). The TensorRT plugins cannot take it (an AOT plugin launches one kernel and
+# has no workspace): trt_plugins.msda_launch keeps the cooperative kernels.
+_PACKED_POINTS = {"fp16": (), "int8": (8,), "fp32": ()}
+_PACK_ENTRY_BYTES = {"fp16": 256, "int8": 128}
+
+
+def use_packed(kind: str, D, L, P, groups: Optional[int]) -> bool:
+    """Whether a PyTorch call takes the packed form by default (a subset of :func:`use_coop`)."""
+    return use_coop(kind, D, L, P, groups) and P in _PACKED_POINTS[kind]
+
+
+def _pack_entries(spatial_shapes, S: int) -> int:
+    """Workspace entries a (b, m) slice needs: (H + 1) * (W + 1) where the shapes are on the host, else the bound
+    2 S + 2 (H * W <= S, so H + W <= S + 1), which needs no device-to-host read (and stays graph-capturable)."""
+    if spatial_shapes.device.type == "cpu":
+        h, w = (int(v) for v in spatial_shapes.reshape(-1)[:2].tolist())
+        return (h + 1) * (w + 1)
+    return 2 * S + 2
+
+
+def _run_packed(kind: str, value, spatial_shapes, shapes, ref, off, aw, out, B, S, M, D, Q, L, P, G,
+                scales=()) -> bool:
+    """Packs value into a workspace and gathers from it (the packed form); False where the form cannot serve the
+    call (then nothing was launched)."""
+    import torch
+
+    entries = _pack_entries(spatial_shapes, S)
+    nbytes = B * M * entries * _PACK_ENTRY_BYTES[kind]
+    if not (D == 32 and L == 1 and P in (4, 8) and nbytes < 2**31 and B * M < 65536 and value.numel() * value.element_size() < 2**31
+            and B * Q * M * 8 < 2**31):
+        return False
+    work = torch.empty(nbytes, dtype=torch.uint8, device=value.device)
+    _launch("msda", f"msda_pack_{kind}", _pack_grid(kind, entries, B, M), (value, shapes, B, S, M, D, work),
+            value.device)
+    _launch("msda", f"msda_pk_lp{P}_{kind}", _grid1(B * Q * M * 8),
+            (work, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, *scales, out), value.device)
+    return True
+
+
+def msda_pack(value, spatial_shapes):
+    """The packed form's workspace for ``value`` (fp16 or int8, [B,S,M,32], one level) as a uint8 tensor: what
+    :func:`ms_deform_attn` builds before its gather (for the benchmarks, which time the copy alone)."""
+    import torch
+
+    kind = "int8" if value.dtype == torch.int8 else _float_dtype("msda_pack", value)
+    B, S, M, D = value.shape
+    shapes = _shapes_i64(spatial_shapes, value.device)
+    entries = _pack_entries(spatial_shapes, S)
+    work = torch.empty(B * M * entries * _PACK_ENTRY_BYTES[kind], dtype=torch.uint8, device=value.device)
+    _launch("msda", f"msda_pack_{kind}", _pack_grid(kind, entries, B, M),
+            (value.contiguous(), shapes, B, S, M, D, work), value.device)
+    return work
+
+
+def _pack_grid(kind: str, entries: int, B: int, M: int) -> Tuple[int, int]:
+    """Grid of msda_pack_<kind>: x over the 16-byte pieces of one (b, m) slice, y over B * M."""
+    return (_grid1(entries * (16 if kind == "fp16" else 8))[0], B * M)
+
+
 def _coop_ok(D, L, P, value, form) -> bool:
     """Whether the cooperative kernels can serve this call at all (a forced ``_coop=True`` included)."""
     return form == "global" and D == 32 and L == 1 and P in (4, 8) and value.numel() < 2**31
 
 
 def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, attention_weights, *, out=None,
-                   strategy: str = "auto", _vec: Optional[int] = None, _coop: Optional[bool] = None):
+                   strategy: str = "auto", _vec: Optional[int] = None, _coop: Optional[bool] = None,
+                   _packed: Optional[bool] = None):
     """MultiScaleDeformableAttnTRT(2) on CUDA tensors (fp32 or fp16; softmax of the logits inside).
 
     value [B,S,M,D], spatial_shapes int [L,2] (H,W), reference_points [B,Q,1,2G], sampling_offsets
@@ -323,7 +386,9 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
     picks the kernel form: "global" gathers corners through the caches, "smem" stages each (batch, head) value
     slice in shared memory first; "auto" is "global", the faster of the two at every BEVFormer shape measured.
     Within "global", single-level calls with D = 32, 4 or 8 points and enough (b, q, m) groups take the
-    cooperative kernels (:func:`use_coop`); ``_vec`` and ``_coop`` force a kernel, for tests and benchmarks.
+    cooperative kernels (:func:`use_coop`), and fp16 calls among them that :func:`use_packed` names take the packed
+    form (a copy of value into a corner-packed workspace, then the gather). ``_vec``, ``_coop`` and ``_packed``
+    force a kernel, for tests and benchmarks (``_vec`` or ``_coop`` alone turn the packed form off).
     """
     _check_cuda("ms_deform_attn", value, reference_points, sampling_offsets, attention_weights)
     kind = _float_dtype("ms_deform_attn", value)
@@ -347,6 +412,11 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
     form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, esize, value.device, strategy)
     narrow = 8 if kind == "fp16" else 4
     coop = _coop if _coop is not None else (_vec is None and use_coop(kind, D, L, P, B * Q * M))
+    packed = _packed if _packed is not None else (_vec is None and _coop is None
+                                                  and use_packed(kind, D, L, P, B * Q * M))
+    if (packed and kind == "fp16" and vec == 8 and form == "global"
+            and _run_packed(kind, value, spatial_shapes, shapes, ref, off, aw, out, B, S, M, D, Q, L, P, G)):
+        return out
     if coop and vec == narrow and _coop_ok(D, L, P, value, form):
         _launch("msda", f"msda_co_lp{P}_{kind}", _grid1(B * Q * M * (D // vec)),
                 (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, out), value.device)
@@ -382,10 +452,13 @@ def _float_bits(x: float) -> int:
 
 def ms_deform_attn_int8(value, spatial_shapes, reference_points, sampling_offsets, attention_weights, *,
                         value_scale: float, offset_scale: float, weight_scale: float, out_scale: float,
-                        out=None, strategy: str = "auto", _coop: Optional[bool] = None):
+                        out=None, strategy: str = "auto", _coop: Optional[bool] = None,
+                        _packed: Optional[bool] = None):
     """INT8 MultiScaleDeformableAttn as the TensorRT plugin takes it: int8 value, offsets and weights with
     per-tensor scales (real = scale * int8), fp32 reference points; returns int8 [B,Q,M,D] quantised with
-    ``out_scale`` (round half to even, saturating to [-128, 127]). Needs D % 8 == 0.
+    ``out_scale`` (round half to even, saturating to [-128, 127]). Needs D % 8 == 0. Calls that
+    :func:`use_packed` names take the packed form (corner weights in 23-bit fixed point, combined by dp4a);
+    ``_coop`` and ``_packed`` force a kernel (``_coop`` alone turns the packed form off).
     """
     import torch
 
@@ -418,6 +491,11 @@ def ms_deform_attn_int8(value, spatial_shapes, reference_points, sampling_offset
               _float_bits(out_scale))
     form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, 1, value.device, strategy)
     coop = _coop if _coop is not None else use_coop("int8", D, L, P, B * Q * M)
+    packed = _packed if _packed is not None else (_coop is None and use_packed("int8", D, L, P, B * Q * M))
+    if (packed and form == "global"
+            and _run_packed("int8", value, spatial_shapes, shapes, ref, off, aw, out, B, S, M, D, Q, L, P, G,
+                            scales)):
+        return out
     if coop and _coop_ok(D, L, P, value, form):
         _launch("msda", f"msda_co_lp{P}_int8", _grid1(B * Q * M * (D // 8)),
                 (value, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, *scales, out), value.device)

@@ -559,3 +559,292 @@ QK_MSDA_COOP_FLOAT(lp8_fp16, qk_half, 8, 8, (256))
 
 QK_MSDA_COOP_INT8(lp4_int8, 4)
 QK_MSDA_COOP_INT8(lp8_int8, 8)
+
+// ------------------------------------------------------------------------------------------------------------
+// Packed form (D = 32, one level): `value` is first copied into a corner-packed workspace, then the gather kernel
+// reads it. Entry (b, m, ey, ex), ey in [0, H], ex in [0, W], holds the four corners of a sampling point whose
+// top-left corner is (y0, x0) = (ey - 1, ex - 1), zero where a corner lies outside the map, so that one point's
+// corners share cache lines instead of lying M*D elements apart as in value's [B, S, M, D] layout (GPU_NOTES.md,
+// R14). fp16: [row][column][32 channels] (256 bytes: one 128-byte line per row); int8: [32 channels][4 corners]
+// (128 bytes: one line a point; the four corners of a channel in one word, combined by dp4a). Entries of one
+// (b, m) are contiguous: entry index ((b * M + m) * (H + 1) + ey) * (W + 1) + ex. 32-bit indexing: the caller
+// guarantees that the workspace and value have fewer than 2^31 bytes.
+
+__device__ __forceinline__ unsigned int qk_prmt(unsigned int a, unsigned int b, unsigned int sel) {
+    unsigned int d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
+// Entries of the workspace, and of the one (b, m) slice, for a map of H x W.
+__device__ __forceinline__ int msda_pack_entries(int H, int W) { return (H + 1) * (W + 1); }
+
+// msda_pack_fp16: one thread per 16 bytes of the workspace (8 channels of one corner); grid (pieces of a (b, m)
+// slice / 256, B * M), where the x extent may cover more than the slice (the host may only know a bound).
+extern "C" __global__ void __launch_bounds__(256) msda_pack_fp16(const qk_half* value, const qk_i64* shapes, int B,
+                                                                 int S, int M, int D, qk_half* packed) {
+    const int H = (int)shapes[0], W = (int)shapes[1];
+    const int E = msda_pack_entries(H, W);
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= E * 16) return;
+    const int bm = blockIdx.y;
+    const int q = i & 3, c = (i >> 2) & 1, r = (i >> 3) & 1;
+    const int e = i >> 4;
+    const int ey = e / (W + 1), ex = e - ey * (W + 1);
+    const int y = ey - 1 + r, x = ex - 1 + c;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (y >= 0 && y < H && x >= 0 && x < W) {
+        const int b = bm / M, m = bm - b * M;
+        v = *reinterpret_cast<const uint4*>(value + (((b * S + y * W + x) * M + m) * 32 + q * 8));
+    }
+    *reinterpret_cast<uint4*>(packed + ((long long)bm * E * 16 + i) * 8) = v;
+}
+
+// msda_pack_int8: one thread per 4 channels of an entry (16 bytes out: for each channel its 4 corners), reading one
+// 4-byte word of each corner and transposing the 4 x 4 bytes with byte permutes; grid as msda_pack_fp16's.
+extern "C" __global__ void __launch_bounds__(256) msda_pack_int8(const signed char* value, const qk_i64* shapes,
+                                                                 int B, int S, int M, int D, signed char* packed) {
+    const int H = (int)shapes[0], W = (int)shapes[1];
+    const int E = msda_pack_entries(H, W);
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= E * 8) return;
+    const int bm = blockIdx.y;
+    const int q = i & 7;
+    const int e = i >> 3;
+    const int ey = e / (W + 1), ex = e - ey * (W + 1);
+    const int b = bm / M, m = bm - b * M;
+    unsigned int w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const int y = ey - 1 + (k >> 1), x = ex - 1 + (k & 1);
+        w[k] = (y >= 0 && y < H && x >= 0 && x < W)
+                   ? *reinterpret_cast<const unsigned int*>(value + (((b * S + y * W + x) * M + m) * 32 + q * 4))
+                   : 0u;
+    }
+    // lo01 = [w0.b0 w1.b0 w0.b1 w1.b1], lo23 likewise for corners 2, 3; then channel j's word = its 4 corners
+    const unsigned int lo01 = qk_prmt(w[0], w[1], 0x5140u), lo23 = qk_prmt(w[2], w[3], 0x5140u);
+    const unsigned int hi01 = qk_prmt(w[0], w[1], 0x7362u), hi23 = qk_prmt(w[2], w[3], 0x7362u);
+    uint4 o;
+    o.x = qk_prmt(lo01, lo23, 0x5410u);
+    o.y = qk_prmt(lo01, lo23, 0x7632u);
+    o.z = qk_prmt(hi01, hi23, 0x5410u);
+    o.w = qk_prmt(hi01, hi23, 0x7632u);
+    *reinterpret_cast<uint4*>(packed + ((long long)bm * E * 8 + i) * 16) = o;
+}
+
+// Gather over the workspace: 8 lanes per (b, q, m) group. Lane t prepares point t (softmax by butterfly shuffles
+// over the 8 lanes, sampling location, corner weights, entry index); every point's entry index and weights are then
+// broadcast to the group. fp16: lane t owns column t >> 2 and channels 8 (t & 3) .. + 8 of both rows, so the 8
+// lanes read one whole 128-byte line per row and instruction; the two columns' partial sums meet at the end by one
+// shuffle. int8: lane t owns channels 4t .. 4t + 3 of all four corners (one 16-byte load a point covers the
+// group's whole 128-byte entry) and combines them with dp4a against the corner weights in 23-bit fixed point,
+// split into three bytes (three dp4a a channel; the integer sums are exact, the weights carry 2^-24 of absolute
+// rounding, about fp32's relative rounding of a weight near one).
+template <bool QUANT, typename TR, typename TP, int LP>
+__device__ __forceinline__ void msda_packed_prepare(const qk_i64* __restrict__ shapes, const TR* __restrict__ refp,
+                                                    const TP* __restrict__ offp, const TP* __restrict__ awp,
+                                                    int lane, int G, float so, float sa, float cw[4], int& entry) {
+    const int H = (int)shapes[0], W = (int)shapes[1];
+    const bool has = lane < LP;
+    const int p = has ? lane : 0;
+    float a = has ? msda_param<QUANT>(qk_ld(awp + p), sa) : -3.402823466e38f;
+    float mx = a;
+#pragma unroll
+    for (int s = 4; s > 0; s /= 2) mx = fmaxf(mx, qk_shfl_xor(mx, s, 8));
+    const float e = has ? __expf(a - mx) : 0.f;
+    float den = e;
+#pragma unroll
+    for (int s = 4; s > 0; s /= 2) den += qk_shfl_xor(den, s, 8);
+    const int g = p % G;
+    const float x = qk_ld(refp + 2 * g) * (float)W + msda_param<QUANT>(qk_ld(offp + 2 * p), so) - 0.5f;
+    const float y = qk_ld(refp + 2 * g + 1) * (float)H + msda_param<QUANT>(qk_ld(offp + 2 * p + 1), so) - 0.5f;
+    // `inside` decides every weight (a NaN or infinite position fails it and must contribute nothing)
+    const bool inside = has && y > -1.f && x > -1.f && y < (float)H && x < (float)W;
+    const float fx = inside ? floorf(x) : 0.f, fy = inside ? floorf(y) : 0.f;
+    const float lx = inside ? x - fx : 0.f, ly = inside ? y - fy : 0.f;
+    const float w = inside ? __fdividef(e, den) : 0.f;  // den >= 1: the fast division is exact to 2 ulp
+    // a row outside the map holds zeros in the workspace: its weights are zeroed so that its line is not read
+    const float wy0 = fy >= 0.f ? (1.f - ly) * w : 0.f, wy1 = fy + 1.f <= (float)(H - 1) ? ly * w : 0.f;
+    cw[0] = wy0 * (1.f - lx);
+    cw[1] = wy0 * lx;
+    cw[2] = wy1 * (1.f - lx);
+    cw[3] = wy1 * lx;
+    entry = inside ? ((int)fy + 1) * (W + 1) + (int)fx + 1 : 0;
+}
+
+// One thread of a packed-form gather: its lane in the group of 8 and the group's (b, q, m). Idle threads of the last
+// warp shadow the last group (every shuffle needs the whole warp) and store nothing.
+struct MsdaPackedGroup {
+    bool active;
+    int lane, bqm, bq, bm;  // bm = b * M + m: the (b, m) slice of the workspace
+};
+
+__device__ __forceinline__ MsdaPackedGroup msda_packed_group(int B, int M, int Q) {
+    const int total = B * Q * M * 8;
+    const int tid0 = blockIdx.x * blockDim.x + threadIdx.x;
+    MsdaPackedGroup g;
+    g.active = tid0 < total;
+    const int tid = g.active ? tid0 : total - 1;
+    g.lane = tid & 7;
+    g.bqm = tid >> 3;
+    const int m = g.bqm % M;
+    g.bq = g.bqm / M;
+    g.bm = (g.bq / Q) * M + m;
+    return g;
+}
+
+template <int LP>
+__device__ __forceinline__ void msda_packed_fp16(const qk_half* __restrict__ packed, const qk_i64* __restrict__ shapes,
+                                                 const qk_half* __restrict__ ref, const qk_half* __restrict__ off,
+                                                 const qk_half* __restrict__ aw, int B, int M, int Q, int G,
+                                                 qk_half* __restrict__ out) {
+    static_assert(LP <= 8 && LP % 2 == 0, "one point a lane, points summed in pairs");
+    const MsdaPackedGroup grp = msda_packed_group(B, M, Q);
+    const int lane = grp.lane, bqm = grp.bqm;
+    const int H = (int)shapes[0], W = (int)shapes[1];
+    float cw[4];
+    int entry;
+    msda_packed_prepare<false, qk_half, qk_half, LP>(shapes, ref + grp.bq * (2 * G), off + bqm * (2 * LP),
+                                                     aw + bqm * LP, lane, G, 1.f, 1.f, cw, entry);
+    // the two corners of each row as one half2 pair: (left, right)
+    unsigned int row0, row1;
+    {
+        const unsigned int l0 = qk_h2_splat(cw[0]), r0 = qk_h2_splat(cw[1]);
+        const unsigned int l1 = qk_h2_splat(cw[2]), r1 = qk_h2_splat(cw[3]);
+        row0 = qk_prmt(l0, r0, 0x5410u);
+        row1 = qk_prmt(l1, r1, 0x5410u);
+    }
+    const int col = lane >> 2;
+    const unsigned int pick = col ? 0x3232u : 0x1010u;  // splat of this lane's column weight
+    const qk_half* base = packed + grp.bm * msda_pack_entries(H, W) * 128 + lane * 8;
+    float acc[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+    unsigned int s2[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int p = 0; p < LP; ++p) {
+        const int e = (int)qk_shfl_idx((unsigned int)entry, p, 8);
+        const unsigned int w0 = qk_shfl_idx(row0, p, 8), w1 = qk_shfl_idx(row1, p, 8);
+        const qk_half* src = qk_row_ptr(base, e, 256u);
+        if (w0 != 0u) {
+            const unsigned int c2 = qk_prmt(w0, w0, pick);
+            const uint4 v = *reinterpret_cast<const uint4*>(src);
+            s2[0] = qk_h2_fma(c2, v.x, s2[0]);
+            s2[1] = qk_h2_fma(c2, v.y, s2[1]);
+            s2[2] = qk_h2_fma(c2, v.z, s2[2]);
+            s2[3] = qk_h2_fma(c2, v.w, s2[3]);
+        }
+        if (w1 != 0u) {
+            const unsigned int c2 = qk_prmt(w1, w1, pick);
+            const uint4 v = *reinterpret_cast<const uint4*>(src + 64);
+            s2[0] = qk_h2_fma(c2, v.x, s2[0]);
+            s2[1] = qk_h2_fma(c2, v.y, s2[1]);
+            s2[2] = qk_h2_fma(c2, v.z, s2[2]);
+            s2[3] = qk_h2_fma(c2, v.w, s2[3]);
+        }
+        if (p % 2 == 1) {
+            // two points (four half2 products a channel pair, as the cooperative kernel's four corners) per fp32 add
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                float lo, hi;
+                qk_h2_to_f2(s2[j], lo, hi);
+                acc[2 * j] += lo;
+                acc[2 * j + 1] += hi;
+                s2[j] = 0u;
+            }
+        }
+    }
+    // lanes t and t ^ 4 hold the two columns of the same 8 channels: lane `col` keeps channels 4 col .. 4 col + 3
+    float res[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float keep = col ? acc[4 + j] : acc[j];
+        const float give = col ? acc[j] : acc[4 + j];
+        res[j] = keep + qk_shfl_xor(give, 4, 8);
+    }
+    if (grp.active) {
+        QkVec<qk_half, 4> o;
+        qk_pack<qk_half, 4>(res, o);
+        *reinterpret_cast<QkVec<qk_half, 4>*>(out + bqm * 32 + (lane & 3) * 8 + col * 4) = o;
+    }
+}
+
+__device__ __forceinline__ int qk_dp4a_us(unsigned int a, unsigned int b, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+template <int LP>
+__device__ __forceinline__ void msda_packed_int8(const signed char* __restrict__ packed,
+                                                 const qk_i64* __restrict__ shapes, const float* __restrict__ ref,
+                                                 const signed char* __restrict__ off,
+                                                 const signed char* __restrict__ aw, int B, int M, int Q, int G,
+                                                 float sv, float so, float sa, float inv_sout,
+                                                 signed char* __restrict__ out) {
+    static_assert(LP <= 8, "one point a lane");
+    const MsdaPackedGroup grp = msda_packed_group(B, M, Q);
+    const int lane = grp.lane, bqm = grp.bqm;
+    const int H = (int)shapes[0], W = (int)shapes[1];
+    float cw[4];
+    int entry;
+    msda_packed_prepare<true, float, signed char, LP>(shapes, ref + grp.bq * (2 * G), off + bqm * (2 * LP),
+                                                      aw + bqm * LP, lane, G, so, sa, cw, entry);
+    // corner weights in 23-bit fixed point (each at most 2^23, as every weight is at most one), as three bytes
+    unsigned int fw[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) fw[k] = __float2uint_rn(cw[k] * 8388608.f);
+    const unsigned int lo01 = qk_prmt(fw[0], fw[1], 0x5140u), lo23 = qk_prmt(fw[2], fw[3], 0x5140u);
+    const unsigned int hi01 = qk_prmt(fw[0], fw[1], 0x7362u), hi23 = qk_prmt(fw[2], fw[3], 0x7362u);
+    const unsigned int k0 = qk_prmt(lo01, lo23, 0x5410u);  // bits 0-7 of the four corner weights
+    const unsigned int k1 = qk_prmt(lo01, lo23, 0x7632u);  // bits 8-15
+    const unsigned int k2 = qk_prmt(hi01, hi23, 0x5410u);  // bits 16-23
+    const signed char* base = packed + grp.bm * msda_pack_entries(H, W) * 128 + lane * 16;
+    int a0[4] = {0, 0, 0, 0}, a1[4] = {0, 0, 0, 0}, a2[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int p = 0; p < LP; ++p) {
+        const int e = (int)qk_shfl_idx((unsigned int)entry, p, 8);
+        const unsigned int c0 = qk_shfl_idx(k0, p, 8), c1 = qk_shfl_idx(k1, p, 8), c2 = qk_shfl_idx(k2, p, 8);
+        if ((c0 | c1 | c2) != 0u) {
+            const uint4 v = *reinterpret_cast<const uint4*>(qk_row_ptr(base, e, 128u));
+            const unsigned int vw[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                a0[j] = qk_dp4a_us(c0, vw[j], a0[j]);
+                a1[j] = qk_dp4a_us(c1, vw[j], a1[j]);
+                a2[j] = qk_dp4a_us(c2, vw[j], a2[j]);
+            }
+        }
+    }
+    const float scale = sv * inv_sout * (1.f / 8388608.f);
+    unsigned int word = 0u;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float s = ((float)a2[j] * 65536.f + (float)a1[j] * 256.f) + (float)a0[j];
+        word |= (unsigned int)(unsigned char)qk_quantize_i8(s * scale) << (8 * j);
+    }
+    if (grp.active) *reinterpret_cast<unsigned int*>(out + bqm * 32 + lane * 4) = word;
+}
+
+// Kernel names msda_pk_lp<LP>_<type>: the gather over the workspace that msda_pack_<type> wrote (passed in value's
+// place; S is unused). One thread per (b, q, m) and 8 lanes.
+#define QK_MSDA_PACKED_FP16(LP)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) msda_pk_lp##LP##_fp16(                                 \
+        const qk_half* packed, const qk_i64* shapes, const qk_half* ref, const qk_half* off, const qk_half* aw, \
+        int B, int S, int M, int D, int Q, int L, int P, int G, qk_half* out) {                               \
+        msda_packed_fp16<LP>(packed, shapes, ref, off, aw, B, M, Q, G, out);                                   \
+    }
+#define QK_MSDA_PACKED_INT8(LP)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) msda_pk_lp##LP##_int8(                                 \
+        const signed char* packed, const qk_i64* shapes, const float* ref, const signed char* off,          \
+        const signed char* aw, int B, int S, int M, int D, int Q, int L, int P, int G, int value_scale_bits, \
+        int offset_scale_bits, int weight_scale_bits, int out_scale_bits, signed char* out) {               \
+        msda_packed_int8<LP>(packed, shapes, ref, off, aw, B, M, Q, G, qk_bits_to_float(value_scale_bits),    \
+                             qk_bits_to_float(offset_scale_bits), qk_bits_to_float(weight_scale_bits),        \
+                             1.f / qk_bits_to_float(out_scale_bits), out);                                   \
+    }
+
+QK_MSDA_PACKED_FP16(4)
+QK_MSDA_PACKED_FP16(8)
+QK_MSDA_PACKED_INT8(4)
+QK_MSDA_PACKED_INT8(8)

@@ -111,11 +111,17 @@ def quantize_int8(a: np.ndarray) -> Tuple[np.ndarray, float]:
 
 
 def msda_int8_case(rng: np.random.Generator, B: int, shapes, M: int, D: int, Q: int, P: int,
-                   G: int) -> MsdaInt8Case:
-    """Random MSDA inputs quantised per tensor to int8 (scale = max |x| / 127), with the expected output."""
-    raw = msda_inputs(rng, B, shapes, M, D, Q, P, G)
+                   G: int, border: bool = False) -> MsdaInt8Case:
+    """Random MSDA inputs quantised per tensor to int8 (scale = max |x| / 127), with the expected output. With
+    ``border`` the offsets come from :func:`msda_inputs`' border set, quantised with a power-of-two scale (0.25 for
+    maps up to 31 wide), so that the dequantised offsets are exact in fp32 and points land on and around the edges."""
+    raw = msda_inputs(rng, B, shapes, M, D, Q, P, G, border=border)
     qv, sv = quantize_int8(raw.value)
-    qo, so = quantize_int8(raw.sampling_offsets)
+    if border:
+        so = 2.0 ** np.ceil(np.log2(np.abs(raw.sampling_offsets).max() / 127.0))
+        qo = np.clip(np.rint(raw.sampling_offsets / so), -128, 127).astype(np.int8)
+    else:
+        qo, so = quantize_int8(raw.sampling_offsets)
     qa, sa = quantize_int8(raw.attention_weights)
     ref32 = rounded(raw.reference_points, np.float32)
     from qdqkit.custom_ops import reference

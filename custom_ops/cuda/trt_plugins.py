@@ -70,7 +70,10 @@ def msda_launch(dtype: str, value_shape: Sequence, num_levels, ref_last, weights
     concrete D; sizes may be ints or symbolic. For int8, ``scales`` are (value, offsets, weights, output).
     ``form`` "smem" stages each (b, m) value slice in shared memory (needs a concrete S with S*D*size <= 48 KB),
     "global" gathers through the caches; "auto" is "global", as for PyTorch (see msda.cu). Single-level calls
-    with 4 or 8 points take the compile-time-point kernels with the channel split PyTorch uses."""
+    with 4 or 8 points take the compile-time-point kernels with the channel split PyTorch uses, and the cooperative
+    kernels by PyTorch's rule (use_coop). PyTorch's packed form (use_packed: a copy of value into a workspace, then
+    a gather) is not available here: a TensorRT AOT plugin returns one kernel and one launch and has no workspace
+    (IPluginV3QuickAOTBuild: getKernel / getLaunchParams), so those calls keep the cooperative kernel."""
     B, S, M, D = value_shape
     D = int(D)
     L = num_levels

@@ -101,3 +101,17 @@ def test_shared_memory_form_refuses_slices_over_48_kb():
     assert tp.msda_launch("fp16", (2, 2500, 8, 32), 1, 2, 4, 2500).kernel == "msda_co_lp4_fp16"
     assert tp.msda_launch("fp16", (1, 2500, 8, 32), 1, 2, 4, 900).kernel == "msda_lp4_fp16_v8"
     assert tp.msda_launch("fp16", (2, 2500, 8, 16), 1, 2, 4, 2500).kernel == "msda_lp4_fp16_v8"
+
+
+def test_trt_plugin_keeps_the_cooperative_kernel_where_pytorch_packs():
+    """An AOT plugin launches one kernel and has no workspace, so the packed form (copy + gather) is PyTorch's only:
+    where use_packed picks it for PyTorch, the plugin plan must still name the cooperative kernel, and no plan may
+    name a packed-form kernel."""
+    from qdqkit.custom_ops import cuda
+
+    assert cuda.use_packed("int8", 32, 1, 8, 6 * 2500 * 8)
+    for dtype, scales in (("fp16", ()), ("int8", (0.1, 0.2, 0.3, 0.4))):
+        launch = tp.msda_launch(dtype, (6, 375, 8, 32), 1, 8, 8, 2500, scales=scales)
+        assert launch.kernel == f"msda_co_lp8_{dtype}"
+    assert not cuda.use_packed("fp32", 32, 1, 8, 6 * 2500 * 8)
+    assert not cuda.use_packed("fp16", 32, 1, 8, 1000)  # too few groups: not even the cooperative kernels

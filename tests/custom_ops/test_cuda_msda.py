@@ -28,6 +28,9 @@ ODD_CASES = {
     # the cooperative D = 32 kernels with a last warp only partly filled (its idle lanes still shuffle)
     "D32-tail-P8-G4": (1, [(9, 13)], 3, 32, 37, 8, 4),
     "D32-tail-P4": (2, [(5, 7)], 3, 32, 21, 4, 1),
+    # the packed form's workspace at its extremes: a one-row map (every point on a border row), a single pixel
+    "D32-one-row-P8-G2": (2, [(1, 7)], 5, 32, 29, 8, 2),
+    "D32-one-pixel-P4": (3, [(1, 1)], 2, 32, 13, 4, 1),
 }
 ALL_CASES = {**{f"tiny-{k}": v for k, v in T.BEVFORMER_TINY_MSDA.items()}, **ODD_CASES}
 
@@ -39,9 +42,12 @@ def _torch():
 
 
 def _forms(strategy):
-    """(strategy, _coop) for a test strategy: "lanes" is the global form with the per-lane kernels that the
-    cooperative D = 32 kernels replace (kept for other D and as the reference point of the benchmarks)."""
-    return ("global", False) if strategy == "lanes" else (strategy, None)
+    """(strategy, _coop, _packed) for a test strategy: "lanes" is the global form with the per-lane kernels that the
+    cooperative D = 32 kernels replace (kept for other D and as the reference point of the benchmarks); "coop" the
+    cooperative kernels forced; "packed" the packed form forced (fp16 and int8 with D = 32, one level, 4 or 8
+    points; any other call falls back to the cooperative or per-lane kernels)."""
+    return {"lanes": ("global", False, False), "coop": ("global", True, False),
+            "packed": ("global", None, True)}.get(strategy, (strategy, None, None))
 
 
 def _run(inp: T.MsdaInputs, dtype, out_shape, strategy="auto"):
@@ -49,10 +55,10 @@ def _run(inp: T.MsdaInputs, dtype, out_shape, strategy="auto"):
     dev = torch.device("cuda")
     t = lambda a: torch.tensor(a, dtype=dtype, device=dev)  # noqa: E731
     out = T.poisoned(out_shape, dtype, dev)
-    form, coop = _forms(strategy)
+    form, coop, packed = _forms(strategy)
     res = cuda.ms_deform_attn(t(inp.value), torch.tensor(inp.spatial_shapes, device=dev), t(inp.reference_points),
                               t(inp.sampling_offsets), t(inp.attention_weights), out=out, strategy=form,
-                              _coop=coop)
+                              _coop=coop, _packed=packed)
     assert res.data_ptr() == out.data_ptr()
     torch.cuda.synchronize()
     return out.double().cpu().numpy()
@@ -75,7 +81,7 @@ def _check(case, dtype, tol, border=False, seed=None, strategy="auto"):
     return err
 
 
-STRATEGIES = ["auto", "global", "smem", "lanes"]
+STRATEGIES = ["auto", "global", "smem", "lanes", "coop", "packed"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -90,14 +96,15 @@ def test_fp16_matches_reference(name, strategy):
     _check(ALL_CASES[name], _torch().float16, FP16_TOL, strategy=strategy)
 
 
-@pytest.mark.parametrize("strategy", ["global", "smem", "lanes"])
+@pytest.mark.parametrize("strategy", ["global", "smem", "lanes", "coop", "packed"])
 @pytest.mark.parametrize("dtype_name,tol", [("float32", FP32_TOL), ("float16", FP16_TOL)])
-@pytest.mark.parametrize("name", ["tiny-sca", "tiny-tsa", "three-levels-D12", "odd-D3"])
+@pytest.mark.parametrize("name", ["tiny-sca", "tiny-tsa", "three-levels-D12", "odd-D3", "D32-one-row-P8-G2",
+                                  "D32-tail-P8-G4"])
 def test_border_and_out_of_bounds_sampling(name, dtype_name, tol, strategy):
     _check(ALL_CASES[name], getattr(_torch(), dtype_name), tol, border=True, strategy=strategy)
 
 
-@pytest.mark.parametrize("strategy", ["global", "smem", "lanes"])
+@pytest.mark.parametrize("strategy", ["global", "smem", "lanes", "coop", "packed"])
 @pytest.mark.parametrize("dtype_name", ["float32", "float16"])
 @pytest.mark.parametrize("name", ["tiny-tsa", "tiny-sca", "tiny-decoder", "three-levels-D12"])
 def test_non_finite_sampling_positions_contribute_nothing(name, dtype_name, strategy):
@@ -147,21 +154,24 @@ def test_repeat_runs_are_bitwise_identical():
     dev = torch.device("cuda")
     args = [torch.tensor(a, dtype=torch.float16, device=dev) for a in inp.as_tuple()]
     args[1] = torch.tensor(inp.spatial_shapes, device=dev)
-    for strategy in ("global", "smem", "lanes"):
-        form, coop = _forms(strategy)
-        a = cuda.ms_deform_attn(*args, strategy=form, _coop=coop)
-        b = cuda.ms_deform_attn(*args, strategy=form, _coop=coop)
+    for strategy in ("global", "smem", "lanes", "coop", "packed"):
+        form, coop, packed = _forms(strategy)
+        a = cuda.ms_deform_attn(*args, strategy=form, _coop=coop, _packed=packed)
+        b = cuda.ms_deform_attn(*args, strategy=form, _coop=coop, _packed=packed)
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("strategy", ["global", "smem", "lanes"])
-@pytest.mark.parametrize("name", ["tiny-tsa", "tiny-sca", "tiny-decoder", "D16-G2", "D32-tail-P8-G4"])
-def test_int8_matches_reference_on_dequantised_inputs(name, strategy):
+@pytest.mark.parametrize("border", [False, True])
+@pytest.mark.parametrize("strategy", ["auto", "global", "smem", "lanes", "coop", "packed"])
+@pytest.mark.parametrize("name", ["tiny-tsa", "tiny-sca", "tiny-decoder", "D16-G2", "D32-tail-P8-G4",
+                                  "D32-tail-P4", "D32-one-row-P8-G2", "D32-one-pixel-P4"])
+def test_int8_matches_reference_on_dequantised_inputs(name, strategy, border):
     """INT8 value/offsets/weights with per-tensor scales: the int8 output must be the reference on the
-    dequantised inputs, quantised with the output scale (T.MsdaInt8Case.check says how exactly)."""
+    dequantised inputs, quantised with the output scale (T.MsdaInt8Case.check says how exactly); also with
+    sampling points exactly on and around the borders."""
     torch = _torch()
     B, shapes, M, D, Q, P, G = ALL_CASES[name]
-    case = T.msda_int8_case(np.random.default_rng(), B, shapes, M, D, Q, P, G)
+    case = T.msda_int8_case(np.random.default_rng(), B, shapes, M, D, Q, P, G, border=border)
     sv, so, sa, sout = case.scales
     dev = torch.device("cuda")
     out = torch.full((B, Q, M, D), -77, dtype=torch.int8, device=dev)  # poison: unwritten elements show up
@@ -170,8 +180,84 @@ def test_int8_matches_reference_on_dequantised_inputs(name, strategy):
                              torch.tensor(case.sampling_offsets, device=dev),
                              torch.tensor(case.attention_weights, device=dev), value_scale=sv, offset_scale=so,
                              weight_scale=sa, out_scale=sout, out=out, strategy=_forms(strategy)[0],
-                             _coop=strategy != "lanes")
+                             _coop=_forms(strategy)[1], _packed=_forms(strategy)[2])
     case.check(out.cpu().numpy())
+
+
+def _launched(monkeypatch):
+    names = []
+    real = cuda._launch
+
+    def recording(source, kernel, *a, **k):
+        names.append(kernel)
+        return real(source, kernel, *a, **k)
+
+    monkeypatch.setattr(cuda, "_launch", recording)
+    return names
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "int8"])
+@pytest.mark.parametrize("name", ["tiny-sca", "tiny-tsa", "D32-tail-P8-G4"])
+def test_packed_form_launches_the_copy_and_its_gather(name, dtype_name, monkeypatch):
+    """_packed=True must run msda_pack_<type> and then msda_pk_lp<P>_<type> (not fall back), and the default rule
+    (use_packed) must decide the plain call."""
+    torch = _torch()
+    B, shapes, M, D, Q, P, G = ALL_CASES[name]
+    dev = torch.device("cuda")
+    inp = T.msda_inputs(np.random.default_rng(), B, shapes, M, D, Q, P, G)
+    sh = torch.tensor(inp.spatial_shapes, device=dev)
+    names = _launched(monkeypatch)
+    for packed in (True, None):
+        names.clear()
+        if dtype_name == "int8":
+            q = lambda a: torch.tensor(T.quantize_int8(a)[0], device=dev)  # noqa: E731
+            cuda.ms_deform_attn_int8(q(inp.value), sh, torch.tensor(inp.reference_points, dtype=torch.float32,
+                                                                    device=dev),
+                                     q(inp.sampling_offsets), q(inp.attention_weights), value_scale=0.02,
+                                     offset_scale=0.05, weight_scale=0.03, out_scale=0.01, _packed=packed)
+            kind = "int8"
+        else:
+            args = [torch.tensor(a, dtype=torch.float16, device=dev) for a in inp.as_tuple()]
+            args[1] = sh
+            cuda.ms_deform_attn(*args, _packed=packed)
+            kind = "fp16"
+        if packed or cuda.use_packed(kind, D, 1, P, B * Q * M):
+            assert names == [f"msda_pack_{kind}", f"msda_pk_lp{P}_{kind}"]
+        else:
+            assert len(names) == 1 and not names[0].startswith(("msda_pack", "msda_pk"))
+
+
+@pytest.mark.parametrize("host_shapes", [True, False])
+@pytest.mark.parametrize("dtype_name", ["float16", "int8"])
+@pytest.mark.parametrize("name", ["tiny-sca", "D32-tail-P8-G4", "D32-one-row-P8-G2", "D32-one-pixel-P4"])
+def test_packed_workspace_layout(name, dtype_name, host_shapes):
+    """msda_pack's workspace against a numpy construction: entry (b, m, ey, ex) holds the corners (ey-1+r, ex-1+c)
+    of value[b, :, m, :], zero outside the map; fp16 as [r][c][channel], int8 as [channel][corner 2r+c]. The
+    workspace is poisoned first (every entry must be written)."""
+    torch = _torch()
+    B, shapes, M, D, Q, P, G = ALL_CASES[name]
+    (H, W), = shapes
+    rng = np.random.default_rng()
+    dev = torch.device("cuda")
+    if dtype_name == "int8":
+        v = rng.integers(-128, 128, (B, H * W, M, D)).astype(np.int8)
+        tv = torch.tensor(v, device=dev)
+    else:
+        v = rng.standard_normal((B, H * W, M, D)).astype(np.float16)
+        tv = torch.tensor(v, device=dev)
+    sh = torch.tensor([[H, W]]) if host_shapes else torch.tensor([[H, W]], device=dev)
+    torch.cuda.synchronize()
+    got = cuda.msda_pack(tv, sh).cpu().numpy()
+    E = (H + 1) * (W + 1)
+    grid = np.zeros((B, M, H + 2, W + 2, D), dtype=v.dtype)  # value with a zero ring: grid[.., y + 1, x + 1]
+    grid[:, :, 1:H + 1, 1:W + 1] = v.reshape(B, H, W, M, D).transpose(0, 3, 1, 2, 4)
+    corners = np.stack([grid[:, :, r:r + H + 1, c:c + W + 1] for r in (0, 1) for c in (0, 1)], 4)  # [B,M,H+1,W+1,4,D]
+    if dtype_name == "int8":
+        want = corners.transpose(0, 1, 2, 3, 5, 4).reshape(-1).view(np.uint8)
+    else:
+        want = corners.reshape(-1).view(np.uint8)
+    assert got.size >= want.size == B * M * E * (128 if dtype_name == "int8" else 256)
+    np.testing.assert_array_equal(got[:want.size], want)
 
 
 def test_bad_input_is_refused_in_one_line():
