@@ -14,6 +14,16 @@
  *       math). Returns False, with hist untouched, where a guess or a correction leaves the bins (numpy would
  *       index out of range or wrap): the caller then runs numpy's own code.
  *
+ *   counts_extremes(data, edges, first, denom, bins, shifted_double, quotient_double, hist) -> (placed, min, max)
+ *       | None
+ *       counts() and, in the same pass, the data's minimum and maximum (Python floats; both NaN where the data
+ *       holds a NaN). `placed` is what counts() returns (False: hist untouched); the extremes are the whole
+ *       data's either way (the pass goes on with them alone). Placing every element does not mean all lie inside
+ *       [edges[0], edges[bins]] (a value just above the top edge can still guess the last bin): the caller checks
+ *       the extremes. None where this level has no such pass (AVX-512 and float32 data and edges only): the
+ *       caller then takes the extremes and the counts separately. The sign of a zero extreme is not numpy's
+ *       (which zero a reduction returns depends on its order).
+ *
  *   simd([level]) -> str
  *       The code counts() runs for float32 data and edges: "avx512" (sixteen elements at a time, chosen at run
  *       time where the processor has AVX-512) or "scalar"; sets it when a level is given (the tests run both).
@@ -161,6 +171,27 @@ COUNTS(counts_ddd, double, double, double, double)
 BOUNDS(bounds_fff, float)
 BOUNDS(bounds_ffd, double)
 
+/* numpy's bin for one value c (the guess and its corrections, the same operations as the vector code), or -1 where
+ * the guess or a correction leaves the bins. Used for zero: a tensor after a ReLU is half zeros, and zero lies on
+ * the middle edge of a symmetric range, where every vector holding one would otherwise read its edges. */
+#define BIN_OF(NAME, F)                                                                                      \
+    static Py_ssize_t NAME(float c, const float *edges, Py_ssize_t bins, float first, F denom, F nbins)     \
+    {                                                                                                        \
+        F f = ((F)(float)(c - first) / denom) * nbins;                                                       \
+        if (!(f >= 0 && f <= nbins))                                                                         \
+            return -1;                                                                                       \
+        Py_ssize_t k = (Py_ssize_t)f;                                                                        \
+        if (k > bins - 1)                                                                                    \
+            k = bins - 1;                                                                                    \
+        if (c < edges[k])                                                                                    \
+            k--;                                                                                             \
+        else if (k != bins - 1 && c >= edges[k + 1])                                                         \
+            k++;                                                                                             \
+        return k;                                                                                            \
+    }
+BIN_OF(bin_of_fff, float)
+BIN_OF(bin_of_ffd, double)
+
 typedef struct {
     __m512 first, denom_f, nbins_f, below_f, above_f;
     __m512d denom_d, nbins_d, below_d, above_d;
@@ -207,7 +238,8 @@ AVX512 static inline __attribute__((always_inline)) __m512i guess_ffd(__m512 v, 
 AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const float *x, Py_ssize_t n,
                                                                        const float *edges, double first_,
                                                                        double denom_, Py_ssize_t bins,
-                                                                       int64_t *hist, int quotient_double)
+                                                                       int64_t *hist, int quotient_double,
+                                                                       float *extremes)
 {
     guess_args a;
     a.first = _mm512_set1_ps((float)first_);
@@ -216,32 +248,55 @@ AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const f
     a.denom_d = _mm512_set1_pd(denom_);
     a.nbins_d = _mm512_set1_pd((double)bins);
     int bounded;
+    Py_ssize_t zero_bin;
     if (quotient_double) {
         double below, above;
+        zero_bin = bin_of_ffd(0.f, edges, bins, (float)first_, denom_, (double)bins);
         bounded = bounds_ffd(edges, bins, (float)first_, denom_, (double)bins, &below, &above);
         a.below_d = _mm512_set1_pd(bounded ? below : INFINITY);
         a.above_d = _mm512_set1_pd(bounded ? above : -INFINITY);
     } else {
         float below, above;
+        zero_bin = bin_of_fff(0.f, edges, bins, (float)first_, (float)denom_, (float)bins);
         bounded = bounds_fff(edges, bins, (float)first_, (float)denom_, (float)bins, &below, &above);
         a.below_f = _mm512_set1_ps(bounded ? below : INFINITY);
         a.above_f = _mm512_set1_ps(bounded ? above : -INFINITY);
     }
     const __m512i one = _mm512_set1_epi32(1), last = _mm512_set1_epi32((int)(bins - 1));
+    const __m512i zero_k = _mm512_set1_epi32((int)zero_bin);
     int64_t *sub = calloc((size_t)bins * SIMD_LANES, sizeof(int64_t));
     if (!sub)
         return -2;
     int32_t idx[16] __attribute__((aligned(64)));
-    for (Py_ssize_t i = 0; i < n; i += 16) {
+    /* the extremes so far, and whether a NaN was seen (min and max would lose it) */
+    __m512 lo_v = _mm512_set1_ps(INFINITY), hi_v = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan_seen = 0;
+    int placed = 1;
+    Py_ssize_t i = 0;
+    for (; i < n; i += 16) {
         Py_ssize_t m = n - i < 16 ? n - i : 16;
         __mmask16 mask = m == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << m) - 1), bad, near;
         _mm_prefetch((const char *)(x + i) + PREFETCH, _MM_HINT_T0);
         __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
         __m512i k = quotient_double ? guess_ffd(v, &a, last, mask, &bad, &near)
                                     : guess_fff(v, &a, last, mask, &bad, &near);
+        if (extremes) {
+            lo_v = _mm512_mask_min_ps(lo_v, mask, lo_v, v);
+            hi_v = _mm512_mask_max_ps(hi_v, mask, hi_v, v);
+            nan_seen |= _mm512_mask_cmp_ps_mask(mask, v, v, _CMP_UNORD_Q);
+        }
         if (bad) { /* a guess outside the bins: numpy would index out of range; the caller runs numpy's code */
-            free(sub);
-            return 0;
+            placed = 0;
+            break;
+        }
+        const __mmask16 zeros = _mm512_mask_cmp_ps_mask(mask, v, _mm512_setzero_ps(), _CMP_EQ_OQ); /* and -0 */
+        if (zeros) { /* their bin is known (zero's guess is in range here, but a correction may leave the bins) */
+            if (zero_bin < 0) {
+                placed = 0;
+                break;
+            }
+            k = _mm512_mask_mov_epi32(k, zeros, zero_k);
+            near &= (__mmask16)~zeros;
         }
         if (near) { /* numpy's corrections, for the lanes that may need one */
             __m512 lo = _mm512_mask_i32gather_ps(v, near, k, edges, 4);
@@ -252,31 +307,59 @@ AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const f
             k = _mm512_mask_sub_epi32(k, down, k, one);
             k = _mm512_mask_add_epi32(k, up, k, one);
             if (_mm512_mask_cmplt_epi32_mask(mask, k, _mm512_setzero_si512())) {
-                free(sub);
-                return 0;
+                placed = 0;
+                break;
             }
         }
         _mm512_store_si512((void *)idx, k);
         for (Py_ssize_t j = 0; j < m; j++)
             sub[(j & (SIMD_LANES - 1)) * bins + idx[j]]++;
     }
-    for (int l = 0; l < SIMD_LANES; l++)
-        for (Py_ssize_t b = 0; b < bins; b++)
-            hist[b] += sub[l * bins + b];
+    if (placed)
+        for (int l = 0; l < SIMD_LANES; l++)
+            for (Py_ssize_t b = 0; b < bins; b++)
+                hist[b] += sub[l * bins + b];
     free(sub);
-    return 1;
+    if (extremes) {
+        /* where an element could not be placed, the rest of the data still gives its extremes (the caller needs
+         * them for the histogram it then builds) */
+        for (i += 16; !placed && i < n; i += 16) {
+            Py_ssize_t m = n - i < 16 ? n - i : 16;
+            __mmask16 mask = m == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << m) - 1);
+            _mm_prefetch((const char *)(x + i) + PREFETCH, _MM_HINT_T0);
+            __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
+            lo_v = _mm512_mask_min_ps(lo_v, mask, lo_v, v);
+            hi_v = _mm512_mask_max_ps(hi_v, mask, hi_v, v);
+            nan_seen |= _mm512_mask_cmp_ps_mask(mask, v, v, _CMP_UNORD_Q);
+        }
+        extremes[0] = nan_seen ? NAN : _mm512_reduce_min_ps(lo_v);
+        extremes[1] = nan_seen ? NAN : _mm512_reduce_max_ps(hi_v);
+    }
+    return placed;
 }
 
 AVX512 static int counts_fff_avx512(const void *x, Py_ssize_t n, const void *edges, double first, double denom,
                                     Py_ssize_t bins, int64_t *hist)
 {
-    return counts_ff_avx512(x, n, edges, first, denom, bins, hist, 0);
+    return counts_ff_avx512(x, n, edges, first, denom, bins, hist, 0, NULL);
 }
 
 AVX512 static int counts_ffd_avx512(const void *x, Py_ssize_t n, const void *edges, double first, double denom,
                                     Py_ssize_t bins, int64_t *hist)
 {
-    return counts_ff_avx512(x, n, edges, first, denom, bins, hist, 1);
+    return counts_ff_avx512(x, n, edges, first, denom, bins, hist, 1, NULL);
+}
+
+AVX512 static int counts_extremes_fff_avx512(const float *x, Py_ssize_t n, const float *edges, double first,
+                                             double denom, Py_ssize_t bins, int64_t *hist, float *extremes)
+{
+    return counts_ff_avx512(x, n, edges, first, denom, bins, hist, 0, extremes);
+}
+
+AVX512 static int counts_extremes_ffd_avx512(const float *x, Py_ssize_t n, const float *edges, double first,
+                                             double denom, Py_ssize_t bins, int64_t *hist, float *extremes)
+{
+    return counts_ff_avx512(x, n, edges, first, denom, bins, hist, 1, extremes);
 }
 #else
 #define HAVE_AVX512 0
@@ -326,9 +409,9 @@ static PyObject *py_simd_levels(PyObject *self, PyObject *args)
     return avx512_available() ? Py_BuildValue("(ss)", "scalar", "avx512") : Py_BuildValue("(s)", "scalar");
 }
 
-static PyObject *py_counts(PyObject *self, PyObject *args)
+/* counts() and counts_extremes(): the same arguments, checked the same way. `extremes` is NULL for counts(). */
+static PyObject *counts_call(PyObject *args, int with_extremes)
 {
-    (void)self;
     PyObject *data_obj, *edges_obj, *hist_obj;
     double first, denom;
     Py_ssize_t bins;
@@ -351,6 +434,8 @@ static PyObject *py_counts(PyObject *self, PyObject *args)
     char xk = kind_of(&data), ek = kind_of(&edges), hk = kind_of(&hist);
     Py_ssize_t n = data.itemsize ? data.len / data.itemsize : 0;
     int (*fn)(const void *, Py_ssize_t, const void *, double, double, Py_ssize_t, int64_t *) = NULL;
+    int (*fn_extremes)(const float *, Py_ssize_t, const float *, double, double, Py_ssize_t, int64_t *, float *) =
+        NULL;
     if (xk == 'f' && ek == 'f' && !shifted_double && !quotient_double)
         fn = (void *)counts_fff;
     else if (xk == 'f' && ek == 'f' && !shifted_double && quotient_double)
@@ -362,16 +447,25 @@ static PyObject *py_counts(PyObject *self, PyObject *args)
 #if HAVE_AVX512
     if (use_avx512 < 0)
         use_avx512 = avx512_available();
-    if (use_avx512 && bins < (1 << 30) && fn == (void *)counts_fff)
+    if (use_avx512 && bins < (1 << 30) && fn == (void *)counts_fff) {
         fn = counts_fff_avx512;
-    else if (use_avx512 && bins < (1 << 30) && fn == (void *)counts_ffd)
+        fn_extremes = counts_extremes_fff_avx512;
+    } else if (use_avx512 && bins < (1 << 30) && fn == (void *)counts_ffd) {
         fn = counts_ffd_avx512;
+        fn_extremes = counts_extremes_ffd_avx512;
+    }
 #endif
     int rc = -3;
+    float extremes[2] = {0.f, 0.f};
     if (fn && hk == 'q' && bins > 0 && edges.len / edges.itemsize == bins + 1 && hist.len / hist.itemsize == bins) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = fn(data.buf, n, edges.buf, first, denom, bins, (int64_t *)hist.buf);
-        Py_END_ALLOW_THREADS
+        rc = -4;
+        if (!with_extremes || fn_extremes) {
+            Py_BEGIN_ALLOW_THREADS
+            rc = with_extremes ? fn_extremes(data.buf, n, edges.buf, first, denom, bins, (int64_t *)hist.buf,
+                                             extremes)
+                               : fn(data.buf, n, edges.buf, first, denom, bins, (int64_t *)hist.buf);
+            Py_END_ALLOW_THREADS
+        }
     }
     PyBuffer_Release(&data);
     PyBuffer_Release(&edges);
@@ -382,12 +476,30 @@ static PyObject *py_counts(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "counts: unsupported dtypes or mismatched lengths");
         return NULL;
     }
+    if (rc == -4) /* no fused pass at this level or for these dtypes */
+        Py_RETURN_NONE;
+    if (with_extremes && rc >= 0)
+        return Py_BuildValue("(Odd)", rc ? Py_True : Py_False, (double)extremes[0], (double)extremes[1]);
     return PyBool_FromLong(rc);
+}
+
+static PyObject *py_counts(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return counts_call(args, 0);
+}
+
+static PyObject *py_counts_extremes(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return counts_call(args, 1);
 }
 
 static PyMethodDef methods[] = {
     {"counts", py_counts, METH_VARARGS,
      "counts(data, edges, first, denom, bins, shifted_double, quotient_double, hist) -> bool"},
+    {"counts_extremes", py_counts_extremes, METH_VARARGS,
+     "counts_extremes(<counts' arguments>) -> (min, max) | False | None"},
     {"simd", py_simd, METH_VARARGS, "simd([level]) -> the level counts() runs at ('scalar' or 'avx512'), set if given"},
     {"simd_levels", py_simd_levels, METH_NOARGS, "simd_levels() -> the levels this processor can run"},
     {NULL, NULL, 0, NULL},

@@ -131,8 +131,9 @@ _SAMPLES = 8
 
 
 def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = False, method: str = "max",
-                        direct: bool = False) -> dict:
-    """Quantize the test model with the given patches; record what the calibration did."""
+                        direct: bool = False, shrinking: bool = False) -> dict:
+    """Quantize the test model with the given patches; record what the calibration did. The samples are scaled up
+    one after the other (every sample widens the ranges), or down with ``shrinking``."""
     import weakref
 
     import numpy as np
@@ -182,7 +183,8 @@ def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = Fa
                 modelopt_compat.run_in_private_dir(tmp_path) as d:
             onnx.save(_conv_mlp_model(), d / "m.onnx")
             data = np.random.default_rng(0).standard_normal((_SAMPLES, 8, 16, 16)).astype("float32")
-            data *= np.linspace(0.5, 2.0, _SAMPLES, dtype="float32")[:, None, None, None]  # every sample counts
+            scale = np.linspace(0.5, 2.0, _SAMPLES, dtype="float32")  # every sample counts
+            data *= (scale[::-1] if shrinking else scale)[:, None, None, None]
             quantize(onnx_path=str(d / "m.onnx"), quantize_mode="int8", calibration_data={"x": data},
                      calibration_method=method, calibration_eps=["cpu"], high_precision_dtype="fp32",
                      dq_only=False, output_path=str(d / "q.onnx"), log_level="ERROR",
@@ -440,10 +442,104 @@ def test_compiled_counts_are_numpys_where_edges_are_far_from_their_guesses(nativ
     np.testing.assert_array_equal(hist, want)
 
 
-def _assert_same_histograms(got: dict, want: dict) -> None:
+@pytest.mark.parametrize("bins", [128, 127])
+def test_compiled_counts_place_zeros_as_numpy(native, bins):
+    """A tensor after a ReLU: half zeros (and some negative zeros), on the middle edge of a symmetric range with an
+    even bin count (inside a bin with an odd one), and on the lowest edge of a range that starts at zero."""
     import numpy as np
 
-    assert got.keys() == want.keys() and len(got) >= 4
+    rng = np.random.default_rng(bins)
+    x = np.maximum(rng.standard_normal(50_001).astype(np.float32), 0)
+    x[rng.choice(x.size, 500, replace=False)] = np.float32(-0.0)
+    t = np.max(x)
+    for range_ in ((-float(t), float(t)), (-t, t), (np.float32(0), t), (0.0, float(t))):
+        want, edges = np.histogram(x, bins, range=range_)
+        denom = np.subtract(range_[1], range_[0])
+        modes = modelopt_compat._native_modes(edges.dtype, modelopt_compat._estimate_buffers(
+            edges.dtype, range_[0], denom, bins), denom)
+        hist = np.zeros(bins, np.int64)
+        assert native.counts(x, edges, float(range_[0]), float(denom), bins, *modes, hist) is True, range_
+        np.testing.assert_array_equal(hist, want, err_msg=str(range_))
+
+
+def test_compiled_counts_extremes_are_numpys(native):
+    """The fused pass: the counts of counts(), and the minimum and maximum wherever they sit (every lane of a
+    vector, the partial last one); where counts() declines, counts untouched and the extremes still the whole
+    data's (NaN where it holds one); None at the scalar level."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    t = np.float32(1)
+    hist0, edges = np.histogram(np.zeros(0, np.float32), 128, range=(-t, t))
+    for n in (1, 15, 16, 17, 40, 1001):
+        for at in sorted({0, n - 1, *range(0, n, max(1, n // 37))}):
+            x = rng.uniform(-0.5, 0.5, n).astype(np.float32)
+            x[at], x[(at + 7) % n] = np.float32(0.875), np.float32(-0.75)
+            hist = np.zeros(128, np.int64)
+            found = native.counts_extremes(x, edges, -1.0, 2.0, 128, False, False, hist)
+            if native.simd() == "scalar":
+                assert found is None and not hist.any()
+                return
+            assert found == (True, float(np.min(x)), float(np.max(x))), (n, at)
+            assert n == 1 or found[1:] == (-0.75, 0.875)
+            np.testing.assert_array_equal(hist, np.histogram(x, 128, range=(-t, t))[0])
+    for bad, at in ((np.nan, 20), (np.inf, 20), (-np.inf, 3), (np.float32(1.5), 20), (np.float32(-3), 0)):
+        for after in (np.float32(0.25), np.float32(2.5), np.float32(-4)):  # the extremes after the element
+            x = np.zeros(1001, np.float32)
+            x[at], x[700] = bad, after
+            hist = np.zeros(128, np.int64)
+            placed, lo, hi = native.counts_extremes(x, edges, -1.0, 2.0, 128, False, False, hist)
+            assert placed is False and not hist.any()
+            if np.isnan(bad):
+                assert np.isnan(lo) and np.isnan(hi)
+            else:
+                assert (lo, hi) == (float(np.min(x)), float(np.max(x))), (bad, after)
+    # a value just above the top edge still guesses the last bin: placed, and its maximum says it is outside
+    x = np.array([0.5, np.nextafter(t, np.float32(2))], np.float32)
+    assert native.counts_extremes(x, edges, -1.0, 2.0, 128, False, False, np.zeros(128, np.int64))[2] > t
+
+
+def test_merge_counted_in_one_pass_is_kept_only_inside_the_old_range(monkeypatch):
+    """A sample whose maximum lies one float above the first sample's: the fused pass places it (it guesses the
+    last bin) but the merge must widen the range, as onnxruntime's does; and one with a value far outside, which
+    the fused pass cannot place (its extremes are used). Every collector entry equals ModelOpt's own collector's,
+    sample after sample."""
+    import numpy as np
+    from modelopt.onnx.quantization import ort_patching
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    monkeypatch.setattr(modelopt_compat, "_BLOCK", 256)
+    rng = np.random.default_rng(9)
+    first = rng.standard_normal(4096).astype(np.float32)
+    t = np.max(np.abs(first))
+    inside, above = first * np.float32(0.5), first * np.float32(0.5)
+    above[100] = np.nextafter(t, np.float32(np.inf))
+    counted = modelopt_compat._counted_within
+    kept_or_not: list = []
+    monkeypatch.setattr(modelopt_compat, "_counted_within",
+                        lambda old, pieces: kept_or_not.append(counted(old, pieces)) or kept_or_not[-1])
+    patched = modelopt_compat._direct_value_collector(ort_patching._collect_value, HistogramCollector.merge_histogram)
+    collectors = [HistogramCollector("entropy", True, 128, 128, 99.999, "same") for _ in range(2)]
+    outside = inside.copy()
+    outside[4000] = t * np.float32(1.5)  # a merge that widens the range, its extremes from the fused pass
+    for sample in (first, inside, above, inside, outside, inside):
+        patched(collectors[0], {"x": [sample]})
+        ort_patching._collect_value(collectors[1], {"x": [sample]})
+        _assert_same_histograms_of(collectors[0].histogram_dict, collectors[1].histogram_dict)
+    if "avx512" in modelopt_compat._NATIVE.simd_levels() if modelopt_compat._NATIVE else False:
+        # placed: the second, third (kept, not kept) and fourth sample; not placed: the fifth; then placed again
+        assert [found is not None and found[1] is not None for found in kept_or_not] == [True] * 3 + [False, True]
+
+
+def _assert_same_histograms(got: dict, want: dict) -> None:
+    assert len(got) >= 4
+    _assert_same_histograms_of(got, want)
+
+
+def _assert_same_histograms_of(got: dict, want: dict) -> None:
+    import numpy as np
+
+    assert got.keys() == want.keys()
     for name, entry in got.items():
         assert len(entry) == len(want[name]) == 5, name
         for mine, theirs in zip(entry, want[name]):
@@ -459,30 +555,80 @@ def upstream_entropy(tmp_path_factory):
                                method="entropy")
 
 
+def _spy_patch6(monkeypatch) -> dict:
+    """Counts of what patch 6 did: histograms it built (pieces each), merges it counted in one fused pass, and
+    tensors it handed back to ModelOpt's own collector (ModelOpt's function, wrapped before the patch takes it)."""
+    from modelopt.onnx.quantization import ort_patching
+
+    seen: dict = {"built": [], "fused": 0, "handed_back": 0}
+    uniform, counted, original = (modelopt_compat._uniform_histogram, modelopt_compat._counted_within,
+                                  ort_patching._collect_value)
+
+    def spy_uniform(pieces, *args):
+        seen["built"].append(len(pieces))
+        return uniform(pieces, *args)
+
+    def spy_counted(old, pieces):
+        found = counted(old, pieces)
+        seen["fused"] += found is not None
+        return found
+
+    def spy_original(collector, name_to_arr):
+        seen["handed_back"] += len(name_to_arr)
+        return original(collector, name_to_arr)
+
+    monkeypatch.setattr(modelopt_compat, "_BLOCK", 256)  # the test model's tensors through the blockwise path
+    monkeypatch.setattr(modelopt_compat, "_uniform_histogram", spy_uniform)
+    monkeypatch.setattr(modelopt_compat, "_counted_within", spy_counted)
+    monkeypatch.setattr(ort_patching, "_collect_value", spy_original)
+    seen["original"] = spy_original
+    return seen
+
+
 def test_entropy_histograms_copy_every_tensor_upstream_and_not_when_patched(tmp_path, upstream_entropy,
                                                                            monkeypatch):
     from modelopt.onnx.quantization import ort_patching
 
     # ModelOpt's own collector (flattening and concatenating copies) builds the histograms upstream
     assert upstream_entropy["collect_value"] is ort_patching._collect_value
-    monkeypatch.setattr(modelopt_compat, "_BLOCK", 256)  # the test model's tensors through the blockwise path
-    built: list[int] = []  # pieces per histogram the patched collector built itself
-    uniform = modelopt_compat._uniform_histogram
-
-    def spy(pieces, *args):
-        built.append(len(pieces))
-        return uniform(pieces, *args)
-
-    monkeypatch.setattr(modelopt_compat, "_uniform_histogram", spy)
+    seen = _spy_patch6(monkeypatch)
     rec = _quantize_recording(tmp_path, fold=False, running=False, method="entropy", direct=True)
-    assert getattr(rec["collect_value"], "qdqkit_original", None) is ort_patching._collect_value
+    assert getattr(rec["collect_value"], "qdqkit_original", None) is seen["original"]
     # every tensor of every sample went through patch 6 (none handed back to ModelOpt's code), groups included:
     # otherwise the comparison below would only test ModelOpt against itself
-    assert len(built) == len(rec["histograms"]) * _SAMPLES and max(built) > 1
+    assert seen["handed_back"] == 0 and len(seen["built"]) >= len(rec["histograms"]) and max(seen["built"]) > 1
+    monkeypatch.undo()
     assert ort_patching._collect_value is upstream_entropy["collect_value"]  # restored
     # every sample's histogram, its edges, extremes and threshold; the tensors a Concat groups included
     _assert_same_histograms(rec["histograms"], upstream_entropy["histograms"])
     _assert_same_scales(rec["scales"], upstream_entropy["scales"])
+
+
+@pytest.mark.parametrize("level", ["avx512", "scalar"])
+def test_entropy_histograms_merged_in_one_pass_are_modelopts(tmp_path, level, monkeypatch):
+    """Samples scaled down one after the other: from the second on, the merges keep the old range, and (with
+    AVX-512) patch 6 counts them over it with the extremes in the same pass; the histograms and scales are
+    ModelOpt's. At the scalar level there is no fused pass and every histogram is built after numpy's extremes."""
+    (tmp_path / "upstream").mkdir()
+    (tmp_path / "patched").mkdir()
+    upstream = _quantize_recording(tmp_path / "upstream", fold=False, running=False, method="entropy",
+                                   shrinking=True)
+    for _ in _native_at(level):
+        seen = _spy_patch6(monkeypatch)
+        rec = _quantize_recording(tmp_path / "patched", fold=False, running=False, method="entropy", direct=True,
+                                  shrinking=True)
+        built, fused = len(seen["built"]), seen["fused"]
+        monkeypatch.undo()
+    tensors = len(rec["histograms"])
+    assert seen["handed_back"] == 0
+    if level == "avx512":
+        # with these samples every later range holds (a merge whose range grew would be built as well): each
+        # tensor's first histogram is built, every merge was counted in the fused pass and kept
+        assert built == tensors and fused == tensors * (_SAMPLES - 1)
+    else:
+        assert fused == 0 and built == tensors * _SAMPLES
+    _assert_same_histograms(rec["histograms"], upstream["histograms"])
+    _assert_same_scales(rec["scales"], upstream["scales"])
 
 
 def test_entropy_calibration_holds_a_samples_tensors_into_the_next_run_upstream_and_not_when_patched(
