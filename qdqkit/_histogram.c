@@ -134,6 +134,7 @@ COUNTS(counts_ddd, double, double, double, double)
 #define HAVE_AVX512 1
 #define AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw")))
 #define SIMD_LANES 8
+#define SIMD_RUN 2048 /* a multiple of 16 */
 #ifndef PREFETCH
 #define PREFETCH 1024 /* bytes ahead: without it the loop reads memory at a third of the rate */
 #endif
@@ -267,53 +268,65 @@ AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const f
     int64_t *sub = calloc((size_t)bins * SIMD_LANES, sizeof(int64_t));
     if (!sub)
         return -2;
-    int32_t idx[16] __attribute__((aligned(64)));
+    /* the guesses of a run of elements, counted after it in a plain loop (faster than sixteen increments after
+     * every vector: the vector loop and the increments each run without waiting on the other) */
+    int32_t idx[SIMD_RUN] __attribute__((aligned(64)));
     /* the extremes so far, and whether a NaN was seen (min and max would lose it) */
     __m512 lo_v = _mm512_set1_ps(INFINITY), hi_v = _mm512_set1_ps(-INFINITY);
     __mmask16 nan_seen = 0;
     int placed = 1;
     Py_ssize_t i = 0;
-    for (; i < n; i += 16) {
-        Py_ssize_t m = n - i < 16 ? n - i : 16;
-        __mmask16 mask = m == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << m) - 1), bad, near;
-        _mm_prefetch((const char *)(x + i) + PREFETCH, _MM_HINT_T0);
-        __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
-        __m512i k = quotient_double ? guess_ffd(v, &a, last, mask, &bad, &near)
-                                    : guess_fff(v, &a, last, mask, &bad, &near);
-        if (extremes) {
-            lo_v = _mm512_mask_min_ps(lo_v, mask, lo_v, v);
-            hi_v = _mm512_mask_max_ps(hi_v, mask, hi_v, v);
-            nan_seen |= _mm512_mask_cmp_ps_mask(mask, v, v, _CMP_UNORD_Q);
+    for (Py_ssize_t run = 0; run < n && placed; run += SIMD_RUN) {
+        const Py_ssize_t run_end = n - run < SIMD_RUN ? n : run + SIMD_RUN;
+        for (i = run; i < run_end; i += 16) {
+            Py_ssize_t m = run_end - i < 16 ? run_end - i : 16;
+            __mmask16 mask = m == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << m) - 1), bad, near;
+            _mm_prefetch((const char *)(x + i) + PREFETCH, _MM_HINT_T0);
+            __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
+            __m512i k = quotient_double ? guess_ffd(v, &a, last, mask, &bad, &near)
+                                        : guess_fff(v, &a, last, mask, &bad, &near);
+            if (extremes) {
+                lo_v = _mm512_mask_min_ps(lo_v, mask, lo_v, v);
+                hi_v = _mm512_mask_max_ps(hi_v, mask, hi_v, v);
+                nan_seen |= _mm512_mask_cmp_ps_mask(mask, v, v, _CMP_UNORD_Q);
+            }
+            if (bad) { /* a guess outside the bins: numpy would index out of range; the caller runs numpy's code */
+                placed = 0;
+                break;
+            }
+            const __mmask16 zeros = _mm512_mask_cmp_ps_mask(mask, v, _mm512_setzero_ps(), _CMP_EQ_OQ); /* and -0 */
+            if (zeros) { /* their bin is known (zero's guess is in range here, but a correction may leave it) */
+                if (zero_bin < 0) {
+                    placed = 0;
+                    break;
+                }
+                k = _mm512_mask_mov_epi32(k, zeros, zero_k);
+                near &= (__mmask16)~zeros;
+            }
+            if (near) { /* numpy's corrections, for the lanes that may need one */
+                __m512 lo = _mm512_mask_i32gather_ps(v, near, k, edges, 4);
+                __m512 hi = _mm512_mask_i32gather_ps(v, near, _mm512_add_epi32(k, one), edges, 4);
+                __mmask16 down = _mm512_mask_cmp_ps_mask(near, v, lo, _CMP_LT_OQ);
+                __mmask16 up = _mm512_mask_cmp_ps_mask(
+                    (__mmask16)(near & ~down & _mm512_cmpneq_epi32_mask(k, last)), v, hi, _CMP_GE_OQ);
+                k = _mm512_mask_sub_epi32(k, down, k, one);
+                k = _mm512_mask_add_epi32(k, up, k, one);
+                if (_mm512_mask_cmplt_epi32_mask(mask, k, _mm512_setzero_si512())) {
+                    placed = 0;
+                    break;
+                }
+            }
+            _mm512_store_si512((void *)(idx + (i - run)), k);
         }
-        if (bad) { /* a guess outside the bins: numpy would index out of range; the caller runs numpy's code */
-            placed = 0;
+        if (!placed)
             break;
-        }
-        const __mmask16 zeros = _mm512_mask_cmp_ps_mask(mask, v, _mm512_setzero_ps(), _CMP_EQ_OQ); /* and -0 */
-        if (zeros) { /* their bin is known (zero's guess is in range here, but a correction may leave the bins) */
-            if (zero_bin < 0) {
-                placed = 0;
-                break;
-            }
-            k = _mm512_mask_mov_epi32(k, zeros, zero_k);
-            near &= (__mmask16)~zeros;
-        }
-        if (near) { /* numpy's corrections, for the lanes that may need one */
-            __m512 lo = _mm512_mask_i32gather_ps(v, near, k, edges, 4);
-            __m512 hi = _mm512_mask_i32gather_ps(v, near, _mm512_add_epi32(k, one), edges, 4);
-            __mmask16 down = _mm512_mask_cmp_ps_mask(near, v, lo, _CMP_LT_OQ);
-            __mmask16 up = _mm512_mask_cmp_ps_mask((__mmask16)(near & ~down & _mm512_cmpneq_epi32_mask(k, last)),
-                                                   v, hi, _CMP_GE_OQ);
-            k = _mm512_mask_sub_epi32(k, down, k, one);
-            k = _mm512_mask_add_epi32(k, up, k, one);
-            if (_mm512_mask_cmplt_epi32_mask(mask, k, _mm512_setzero_si512())) {
-                placed = 0;
-                break;
-            }
-        }
-        _mm512_store_si512((void *)idx, k);
-        for (Py_ssize_t j = 0; j < m; j++)
-            sub[(j & (SIMD_LANES - 1)) * bins + idx[j]]++;
+        const Py_ssize_t count = run_end - run;
+        Py_ssize_t j = 0;
+        for (; j + SIMD_LANES <= count; j += SIMD_LANES)
+            for (int l = 0; l < SIMD_LANES; l++)
+                sub[l * bins + idx[j + l]]++;
+        for (; j < count; j++)
+            sub[idx[j]]++;
     }
     if (placed)
         for (int l = 0; l < SIMD_LANES; l++)
