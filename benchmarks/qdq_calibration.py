@@ -1,7 +1,8 @@
 """Calibration cost of the qdq pass on the CPU, against floors measured in the same run.
 
-1. Time. ModelOpt calibration ("max", or with --method entropy ModelOpt's histogram calibration) of the seeded transformer with MSDA (tests/passes/qdq_models.py) through the
-   registered ONNX-function kernel, for N1 and N2 samples. The per-sample cost is the slope
+1. Time. ModelOpt calibration ("max", or with --method entropy ModelOpt's histogram calibration) of the seeded
+   transformer with MSDA (tests/passes/qdq_models.py) through the registered ONNX-function kernel, for N1 and N2
+   samples. The per-sample cost is the slope
    (T(N2) - T(N1)) / (N2 - N1); the fixed overhead is the intercept T(N1) - N1 * slope (schema/shape work,
    ModelOpt's GEMV probe session, session creation, Q/DQ insertion). The floor is one plain onnxruntime inference
    of the same model (default session options, same kernels): the median of a block of runs taken before, between
@@ -10,7 +11,10 @@
    the load averages before and after, the ratio taken from the medians of T(N1), T(N2) and the floor over all
    repeats, and the ratio in process CPU time instead of wall time (less sensitive to other load; onnxruntime's
    spinning threads count on both sides). Target: slope <= 1.3 x floor ("max"; entropy is reported against the same
-   floor, no target). Also printed: the same inference without
+   floor, no target). For histogram calibrations (entropy) the steady per-sample interval is printed too: the time
+   between one sample's collection and the next's inside ModelOpt's loop (read off patch 7's per-sample step),
+   from the third sample of each calibration on, over the floor (a slope over few samples of a model this heavy
+   moves by seconds with the first samples' allocations; the intervals do not carry those). Also printed: the same inference without
    graph optimizations (calibration must see every intermediate tensor, which rules out onnxruntime's fusions
    across them), and qdqkit's own share (reading one sample from a memory-mapped .npy folder through the
    calibration reader). --compare times, interleaved in the same repeats, ModelOpt without patch 5 ("max") or
@@ -65,16 +69,44 @@ def _registry():
     return s.custom_ops
 
 
+@contextlib.contextmanager
+def _sample_ends(intervals: list | None):
+    """The time each sample of a histogram calibration is collected, read off patch 7's per-sample step
+    (``modelopt_compat._collect_one_sample``, called once a sample inside ModelOpt's loop when patch 7 is on); the
+    differences are whole sample-to-sample intervals (reading, the run, the histograms). Nothing without patch 7."""
+    from qdqkit import modelopt_compat
+
+    ends: list[float] = []
+    if intervals is None:
+        yield ends
+        return
+    original = modelopt_compat._collect_one_sample
+
+    def timed(calibrator, outputs):
+        original(calibrator, outputs)
+        ends.append(time.perf_counter())
+
+    modelopt_compat._collect_one_sample = timed
+    try:
+        yield ends
+    finally:
+        modelopt_compat._collect_one_sample = original
+
+
 def _calibrate(model, source, registry, n: int, scales: dict | None = None, cpu: list | None = None,
-               method: str = "max", exclude: list[str] | None = None) -> float:
+               method: str = "max", exclude: list[str] | None = None, intervals: list | None = None) -> float:
     from qdqkit.calib import SampleReader
     from qdqkit.quant_backends import ModelOptBackend, QuantJob
 
     job = QuantJob(reader=SampleReader(source, 0, n), custom_ops=registry, calibration_method=method,
                    high_precision="fp32", nodes_to_exclude=exclude or [])
     t, c = time.perf_counter(), time.process_time()
-    with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's histogram calibration prints every sample
+    with contextlib.redirect_stdout(io.StringIO()), \
+            _sample_ends(intervals) as ends:  # onnxruntime's histogram calibration prints every sample
         quantized = ModelOptBackend().quantize(model, job)
+    if intervals is not None and len(ends) > 3:
+        # from the third sample on: the first two still allocate (arena, page faults), as the intercept shows
+        intervals.extend(b - a for a, b in zip(ends[2:], ends[3:]))
     seconds = time.perf_counter() - t
     if cpu is not None:
         cpu.append(time.process_time() - c)
@@ -191,6 +223,7 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
     # Interleaved: a block of plain inferences before and after every calibration, so that a change in the
     # machine's other load hits both sides of a ratio alike; the order of N1 and N2 alternates between repeats.
     rows: dict[str, list[dict]] = {name: [] for name in variants}
+    intervals: dict[str, list[float]] = {name: [] for name in variants}
     plain_all, unfused_all = [], []
     for r in range(repeats):
         for name in variants:
@@ -200,7 +233,8 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
             with _variant(name):
                 for n in order:
                     c: list[float] = []
-                    seconds[n] = _calibrate(model, source, registry, n, cpu=c, method=method, exclude=exclude)
+                    seconds[n] = _calibrate(model, source, registry, n, cpu=c, method=method, exclude=exclude,
+                                            intervals=intervals[name])
                     cpu[n] = c[0]
                     plain.append(_plain_ms(sess, source, n2, runs, plain_cpu))
             plain_ms = statistics.median(plain)
@@ -250,6 +284,9 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
             "fixed_overhead_s": _spread([x["fixed_overhead_s"] for x in rs]),
             f"T(N{n2})_over_N_x_plain": statistics.median(x["whole_N2_over_N2_plain"] for x in rs),
         }
+        if intervals[name]:  # histogram calibration with patch 7: the steady per-sample interval, sample 3 on
+            out[name]["sample_interval_over_plain"] = _spread([v * 1e3 / plain_ms for v in intervals[name]])
+            out[name]["sample_intervals"] = len(intervals[name])
     for name in variants[1:]:
         out[name]["scales_max_relative_difference_to_shipped"] = _scale_difference(scales[name], scales["shipped"])
     ratios = out[variants[0]]["per_sample_over_plain"]

@@ -339,7 +339,8 @@ def _run_packed(kind: str, value, spatial_shapes, shapes, ref, off, aw, out, B, 
 
     entries = _pack_entries(spatial_shapes, S)
     nbytes = B * M * entries * _PACK_ENTRY_BYTES[kind]
-    if not (D == 32 and L == 1 and P in (4, 8) and nbytes < 2**31 and B * M < 65536 and value.numel() * value.element_size() < 2**31
+    if not (D == 32 and L == 1 and P in (4, 8) and nbytes < 2**31 and B * M < 65536
+            and value.numel() * value.element_size() < 2**31
             and B * Q * M * 8 < 2**31):
         return False
     work = torch.empty(nbytes, dtype=torch.uint8, device=value.device)
@@ -386,8 +387,9 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
     picks the kernel form: "global" gathers corners through the caches, "smem" stages each (batch, head) value
     slice in shared memory first; "auto" is "global", the faster of the two at every BEVFormer shape measured.
     Within "global", single-level calls with D = 32, 4 or 8 points and enough (b, q, m) groups take the
-    cooperative kernels (:func:`use_coop`), and fp16 calls among them that :func:`use_packed` names take the packed
-    form (a copy of value into a corner-packed workspace, then the gather). ``_vec``, ``_coop`` and ``_packed``
+    cooperative kernels (:func:`use_coop`); fp16 calls among them take the packed form (a copy of value into a
+    corner-packed workspace, then the gather) where :func:`use_packed` names them (no shape at present: it was
+    slower than the cooperative kernel at BEVFormer-tiny's, GPU_NOTES.md R14). ``_vec``, ``_coop`` and ``_packed``
     force a kernel, for tests and benchmarks (``_vec`` or ``_coop`` alone turn the packed form off).
     """
     _check_cuda("ms_deform_attn", value, reference_points, sampling_offsets, attention_weights)
