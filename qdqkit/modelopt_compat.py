@@ -68,8 +68,8 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      Tested bin for bin against ``np.histogram`` and against ModelOpt, with and without the compiled code, at
      both levels.
      Measured (RESULTS.md): BEVFormer-tiny entropy calibration 8.25 s a frame without this patch, 5.4-5.6 s with
-     its numpy code, 2.5 s with the scalar compiled passes and patch 7, 1.9 s with AVX-512 (one plain frame:
-     1.2 s); no measurable change on the small test models.
+     its numpy code, 2.8 s with the scalar compiled passes and patch 7, 1.67 s with AVX-512 and the fused
+     merges (one plain frame: 1.1-1.2 s); no measurable change on the small test models.
 
   7. ModelOpt's loop over the samples of a histogram calibration keeps the previous sample's outputs in its
      local variables while the next sample runs, so two samples' observed tensors are alive at once (on
