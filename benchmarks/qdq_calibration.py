@@ -13,7 +13,8 @@
    spinning threads count on both sides). Target: slope <= 1.3 x floor ("max"; entropy is reported against the same
    floor, no target). For histogram calibrations (entropy) the steady per-sample interval is printed too: the time
    between one sample's collection and the next's inside ModelOpt's loop (read off patch 7's per-sample step),
-   from the third sample of each calibration on, over the floor (a slope over few samples of a model this heavy
+   from the third sample of each calibration on, over the floor, and its two parts: reading and running the
+   sample, and collecting its histograms (a slope over few samples of a model this heavy
    moves by seconds with the first samples' allocations; the intervals do not carry those). Also printed: the same inference without
    graph optimizations (calibration must see every intermediate tensor, which rules out onnxruntime's fusions
    across them), and qdqkit's own share (reading one sample from a memory-mapped .npy folder through the
@@ -76,15 +77,16 @@ def _sample_ends(intervals: list | None):
     differences are whole sample-to-sample intervals (reading, the run, the histograms). Nothing without patch 7."""
     from qdqkit import modelopt_compat
 
-    ends: list[float] = []
+    ends: list[tuple[float, float]] = []  # (start, end) of each sample's collection
     if intervals is None:
         yield ends
         return
     original = modelopt_compat._collect_one_sample
 
     def timed(calibrator, outputs):
+        start = time.perf_counter()
         original(calibrator, outputs)
-        ends.append(time.perf_counter())
+        ends.append((start, time.perf_counter()))
 
     modelopt_compat._collect_one_sample = timed
     try:
@@ -105,8 +107,9 @@ def _calibrate(model, source, registry, n: int, scales: dict | None = None, cpu:
             _sample_ends(intervals) as ends:  # onnxruntime's histogram calibration prints every sample
         quantized = ModelOptBackend().quantize(model, job)
     if intervals is not None and len(ends) > 3:
-        # from the third sample on: the first two still allocate (arena, page faults), as the intercept shows
-        intervals.extend(b - a for a, b in zip(ends[2:], ends[3:]))
+        # from the third sample on: the first two still allocate (arena, page faults), as the intercept shows;
+        # each interval split into reading and running the sample, and collecting its histograms
+        intervals.extend((b[1] - a[1], b[0] - a[1], b[1] - b[0]) for a, b in zip(ends[2:], ends[3:]))
     seconds = time.perf_counter() - t
     if cpu is not None:
         cpu.append(time.process_time() - c)
@@ -223,7 +226,7 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
     # Interleaved: a block of plain inferences before and after every calibration, so that a change in the
     # machine's other load hits both sides of a ratio alike; the order of N1 and N2 alternates between repeats.
     rows: dict[str, list[dict]] = {name: [] for name in variants}
-    intervals: dict[str, list[float]] = {name: [] for name in variants}
+    intervals: dict[str, list[tuple]] = {name: [] for name in variants}  # (whole, read and run, histograms)
     plain_all, unfused_all = [], []
     for r in range(repeats):
         for name in variants:
@@ -285,7 +288,8 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
             f"T(N{n2})_over_N_x_plain": statistics.median(x["whole_N2_over_N2_plain"] for x in rs),
         }
         if intervals[name]:  # histogram calibration with patch 7: the steady per-sample interval, sample 3 on
-            out[name]["sample_interval_over_plain"] = _spread([v * 1e3 / plain_ms for v in intervals[name]])
+            for i, part in enumerate(("sample_interval", "sample_read_and_run", "sample_histograms")):
+                out[name][f"{part}_over_plain"] = _spread([v[i] * 1e3 / plain_ms for v in intervals[name]])
             out[name]["sample_intervals"] = len(intervals[name])
     for name in variants[1:]:
         out[name]["scales_max_relative_difference_to_shipped"] = _scale_difference(scales[name], scales["shipped"])
