@@ -393,6 +393,7 @@ def calibration_ranges_running() -> Iterator[None]:
 
 _VALUE_COLLECTOR = ("modelopt.onnx.quantization.ort_patching", "_collect_value")
 _BLOCK = 1 << 16  # elements per step, as numpy's histogram takes them: temporaries stay in cache
+_NATIVE_MIN = 1 << 10  # below this many values, np.histogram (its per-call cost is lower than the compiled path's)
 
 
 def _bin_estimate(x: Any, first: Any, denom: Any, bins: int, work: dict | None = None) -> tuple:
@@ -472,6 +473,16 @@ def _native_modes(edge_dtype: Any, work: dict, denom: Any) -> tuple | None:
     return shifted == np.float64, f == np.float64
 
 
+def _numpy_histogram(pieces: list, bins: int, range_: tuple) -> tuple:
+    """``np.histogram`` of each piece over ``range_``, the counts added."""
+    import numpy as np
+
+    hist, edges = np.histogram(pieces[0], bins, range=range_)
+    for piece in pieces[1:]:
+        hist += np.histogram(piece, bins, range=range_)[0]
+    return hist, edges
+
+
 def _uniform_histogram(pieces: list, bins: int, range_: tuple, extremes: list) -> tuple:
     """``np.histogram(np.concatenate(pieces), bins, range=range_)``, computed piece by piece (patch 6).
 
@@ -490,19 +501,33 @@ def _uniform_histogram(pieces: list, bins: int, range_: tuple, extremes: list) -
     """
     import numpy as np
 
-    # below a block, the bounds below cost more than they save; non-float data is numpy's alone (the edges numpy
-    # makes are floating point whatever the data, so only the data's kind decides)
-    if sum(p.size for p in pieces) < _BLOCK or any(p.dtype.kind != "f" for p in pieces):
-        hist, edges = np.histogram(pieces[0], bins, range=range_)
-        for piece in pieces[1:]:
-            hist += np.histogram(piece, bins, range=range_)[0]
-        return hist, edges
+    size = sum(p.size for p in pieces)
+    # non-float data is numpy's alone (the edges numpy makes are floating point whatever the data, so only the
+    # data's kind decides); so are small tensors where the compiled code is missing (below a block, the bounds
+    # below cost more than they save) and tiny ones (where the calls cost more than the counting)
+    if any(p.dtype.kind != "f" for p in pieces) or size < _NATIVE_MIN or (size < _BLOCK and _NATIVE is None):
+        return _numpy_histogram(pieces, bins, range_)
     bins = operator.index(bins)  # as numpy takes it: a Python int, which leaves a float's dtype as it is
     hist, edges = np.histogram(pieces[0][:0], bins, range=range_)
     first, last = range_
     if first == last:  # numpy widens an empty range the same way before it computes anything
         first, last = first - 0.5, last + 0.5
     denom = np.subtract(last, first, dtype=np.result_type(last, first))
+    work = _estimate_buffers(edges.dtype, first, denom, bins)
+    native = _native_modes(edges.dtype, work, denom)
+    left = []  # (piece, inside) for numpy's code
+    for piece, (lo, hi) in zip(pieces, extremes):
+        ends = np.array([lo, hi], dtype=piece.dtype)
+        inside = bool(np.logical_and.reduce((ends >= first) & (ends <= last)))
+        if inside and native is not None and piece.dtype.itemsize <= edges.dtype.itemsize and \
+                _NATIVE.counts(piece, edges, float(first), float(denom), bins, *native, hist):
+            continue
+        left.append((piece, inside))
+    if not left:
+        return hist, edges
+    if size < _BLOCK:  # small: what the compiled code did not count, numpy's own histogram counts
+        hist += _numpy_histogram([piece for piece, _ in left], bins, range_)[0]
+        return hist, edges
     # an upper edge of +inf for the last bin says "not from the last bin"
     upper = edges[1:].copy()
     upper[-1] = np.inf
@@ -514,14 +539,7 @@ def _uniform_histogram(pieces: list, bins: int, range_: tuple, extremes: list) -
     if np.all(np.abs(f_low - k) <= 0.5) and np.all(np.abs(f_high - (k[:-1] + 1)) <= 0.5):
         below_bound = np.max(f_low - k)
         above_bound = np.min(f_high - k[:-1]) if bins > 1 else np.inf
-    work = _estimate_buffers(edges.dtype, first, denom, bins)
-    native = _native_modes(edges.dtype, work, denom)
-    for piece, (lo, hi) in zip(pieces, extremes):
-        ends = np.array([lo, hi], dtype=piece.dtype)
-        inside = bool(np.logical_and.reduce((ends >= first) & (ends <= last)))
-        if inside and native is not None and piece.dtype.itemsize <= edges.dtype.itemsize and \
-                _NATIVE.counts(piece, edges, float(first), float(denom), bins, *native, hist):
-            continue
+    for piece, inside in left:
         for i in range(0, piece.size, _BLOCK):
             x = piece[i:i + _BLOCK]
             if not inside:
@@ -594,7 +612,8 @@ def _counted_within(old: tuple, pieces: list) -> tuple | None:
 
     old_hist, _, _, _, old_threshold = old
     bins, first, last = len(old_hist), -old_threshold, old_threshold
-    if _NATIVE is None or sum(p.size for p in pieces) < _BLOCK or pieces[0].dtype != np.float32 or first == last:
+    if _NATIVE is None or sum(p.size for p in pieces) < _NATIVE_MIN or pieces[0].dtype != np.float32 or \
+            first == last:
         return None
     hist, edges = np.histogram(pieces[0][:0], bins, range=(first, last))  # as _uniform_histogram makes them
     denom = np.subtract(last, first, dtype=np.result_type(last, first))

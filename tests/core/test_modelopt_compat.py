@@ -383,20 +383,25 @@ def test_histogram_pieces_are_numpys_bin_for_bin(dtype, monkeypatch, histogram_p
               (-t * t.dtype.type(1.25), t * t.dtype.type(1.25)),
               (0.0, 0.0)]  # an empty range, widened by numpy
     bin_counts = (128, 2048, 1001) if dtype == "float32" else (128, 250)  # float16: few distinct edges
-    for range_ in ranges:
-        for bins in bin_counts:
-            want = np.histogram(whole, bins, range=range_)
-            got = modelopt_compat._uniform_histogram([a, b], bins, range_, [(p.min(), p.max()) for p in (a, b)])
-            np.testing.assert_array_equal(got[0], want[0], err_msg=f"{range_} {bins}")
-            assert got[1].dtype == want[1].dtype and np.array_equal(got[1], want[1])
+    # large pieces (blockwise), and small ones (under a block, over the compiled code's minimum: counted compiled,
+    # or by np.histogram where the compiled code does not count them)
+    for pieces in ((a, b), (a[:2000], b[:1500])):
+        whole = np.concatenate(pieces)
+        for range_ in ranges:
+            for bins in bin_counts:
+                want = np.histogram(whole, bins, range=range_)
+                got = modelopt_compat._uniform_histogram(list(pieces), bins, range_,
+                                                         [(p.min(), p.max()) for p in pieces])
+                np.testing.assert_array_equal(got[0], want[0], err_msg=f"{range_} {bins} {len(whole)}")
+                assert got[1].dtype == want[1].dtype and np.array_equal(got[1], want[1])
     with_nan = a.copy()
     with_nan[7] = np.nan  # compared with the range element by element, as numpy does
     got = modelopt_compat._uniform_histogram([with_nan], 128, (-1.0, 1.0), [(np.min(with_nan), np.max(with_nan))])
     np.testing.assert_array_equal(got[0], np.histogram(with_nan, 128, range=(-1.0, 1.0))[0])
     if histogram_path is not None and dtype != "float16":  # float16 data has no compiled variant
         # the ranges that hold all the data ran compiled (the first, second and fourth), at every bin count, both
-        # pieces; the others need numpy's mask
-        assert histogram_path.pieces == 3 * len(bin_counts) * 2
+        # pieces, large and small; the others need numpy's mask
+        assert histogram_path.pieces == 2 * 3 * len(bin_counts) * 2
 
 
 def test_compiled_counts_decline_what_they_cannot_place_and_leave_the_counts(native):
