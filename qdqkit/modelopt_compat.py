@@ -55,7 +55,8 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      assignment against ``np.histogram`` on values placed on and beside every edge; the 140 BEVFormer-tiny
      scales identical). NaN, inf, empty, mixed or non-float data, a group whose extreme is zero (whose sign a
      reduction over the concatenation decides), and a collector with another ``merge_histogram`` go to
-     ModelOpt's code, per tensor. Tensors under 64K values keep ``np.histogram`` (its per-call cost is lower).
+     ModelOpt's code, per tensor. Tensors under 1K values keep ``np.histogram`` (its per-call cost is lower), as do those under 64K where the compiled
+     code below is missing.
      Where ``pip install`` could compile ``qdqkit/_histogram.c`` (it needs a C compiler; without one the numpy
      code above runs), the bins of a piece that lies wholly inside the range are assigned in one compiled pass:
      numpy's guess computed in numpy's dtypes, operation for operation, then numpy's two corrections against the
