@@ -14,8 +14,8 @@
    floor, no target). For histogram calibrations (entropy) the steady per-sample interval is printed too: the time
    between one sample's collection and the next's inside ModelOpt's loop (read off patch 7's per-sample step),
    from the third sample of each calibration on, over the floor, and its two parts: reading and running the
-   sample, and collecting its histograms (a slope over few samples of a model this heavy
-   moves by seconds with the first samples' allocations; the intervals do not carry those). Also printed: the same inference without
+   sample, and collecting its histograms (a slope over few samples of a model this heavy moves by seconds with
+   the first samples' allocations; the intervals do not carry those). Also printed: the same inference without
    graph optimizations (calibration must see every intermediate tensor, which rules out onnxruntime's fusions
    across them), and qdqkit's own share (reading one sample from a memory-mapped .npy folder through the
    calibration reader). --compare times, interleaved in the same repeats, ModelOpt without patch 5 ("max") or
@@ -72,9 +72,9 @@ def _registry():
 
 @contextlib.contextmanager
 def _sample_ends(intervals: list | None):
-    """The time each sample of a histogram calibration is collected, read off patch 7's per-sample step
-    (``modelopt_compat._collect_one_sample``, called once a sample inside ModelOpt's loop when patch 7 is on); the
-    differences are whole sample-to-sample intervals (reading, the run, the histograms). Nothing without patch 7."""
+    """When each sample's collection starts and ends in a histogram calibration, read off patch 7's per-sample step
+    (``modelopt_compat._collect_one_sample``, called once a sample inside ModelOpt's loop when patch 7 is on):
+    from one end to the next is a whole sample (reading, the run, the histograms). Nothing without patch 7."""
     from qdqkit import modelopt_compat
 
     ends: list[tuple[float, float]] = []  # (start, end) of each sample's collection

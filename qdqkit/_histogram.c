@@ -172,26 +172,32 @@ COUNTS(counts_ddd, double, double, double, double)
 BOUNDS(bounds_fff, float)
 BOUNDS(bounds_ffd, double)
 
-/* numpy's bin for one value c (the guess and its corrections, the same operations as the vector code), or -1 where
- * the guess or a correction leaves the bins. Used for zero: a tensor after a ReLU is half zeros, and zero lies on
- * the middle edge of a symmetric range, where every vector holding one would otherwise read its edges. */
-#define BIN_OF(NAME, F)                                                                                      \
-    static Py_ssize_t NAME(float c, const float *edges, Py_ssize_t bins, float first, F denom, F nbins)     \
-    {                                                                                                        \
-        F f = ((F)(float)(c - first) / denom) * nbins;                                                       \
-        if (!(f >= 0 && f <= nbins))                                                                         \
-            return -1;                                                                                       \
-        Py_ssize_t k = (Py_ssize_t)f;                                                                        \
-        if (k > bins - 1)                                                                                    \
-            k = bins - 1;                                                                                    \
-        if (c < edges[k])                                                                                    \
-            k--;                                                                                             \
-        else if (k != bins - 1 && c >= edges[k + 1])                                                         \
-            k++;                                                                                             \
-        return k;                                                                                            \
-    }
-BIN_OF(bin_of_fff, float)
-BIN_OF(bin_of_ffd, double)
+/* numpy's bin for zero (the scalar code above on one element), or -1 where the guess or a correction leaves the
+ * bins. A tensor after a ReLU is half zeros, and zero lies on the middle edge of a symmetric range, where every
+ * vector holding one would otherwise read its edges. */
+static Py_ssize_t zero_bin_of(int quotient_double, const float *edges, double first, double denom, Py_ssize_t bins)
+{
+    const float zero = 0.f;
+    int64_t *one = calloc((size_t)bins, sizeof(int64_t));
+    if (!one)
+        return -1;
+    int ok = (quotient_double ? counts_ffd : counts_fff)(&zero, 1, edges, first, denom, bins, one);
+    Py_ssize_t k = -1;
+    for (Py_ssize_t b = 0; ok == 1 && b < bins; b++)
+        if (one[b])
+            k = b;
+    free(one);
+    return k;
+}
+
+/* the running extremes of the lanes in m, and whether any of them is NaN (min and max would lose it) */
+AVX512 static inline __attribute__((always_inline)) void extremes_step(__m512 v, __mmask16 m, __m512 *lo, __m512 *hi,
+                                                                     __mmask16 *nan_seen)
+{
+    *lo = _mm512_mask_min_ps(*lo, m, *lo, v);
+    *hi = _mm512_mask_max_ps(*hi, m, *hi, v);
+    *nan_seen |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
+}
 
 typedef struct {
     __m512 first, denom_f, nbins_f, below_f, above_f;
@@ -249,16 +255,14 @@ AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const f
     a.denom_d = _mm512_set1_pd(denom_);
     a.nbins_d = _mm512_set1_pd((double)bins);
     int bounded;
-    Py_ssize_t zero_bin;
+    const Py_ssize_t zero_bin = zero_bin_of(quotient_double, edges, first_, denom_, bins);
     if (quotient_double) {
         double below, above;
-        zero_bin = bin_of_ffd(0.f, edges, bins, (float)first_, denom_, (double)bins);
         bounded = bounds_ffd(edges, bins, (float)first_, denom_, (double)bins, &below, &above);
         a.below_d = _mm512_set1_pd(bounded ? below : INFINITY);
         a.above_d = _mm512_set1_pd(bounded ? above : -INFINITY);
     } else {
         float below, above;
-        zero_bin = bin_of_fff(0.f, edges, bins, (float)first_, (float)denom_, (float)bins);
         bounded = bounds_fff(edges, bins, (float)first_, (float)denom_, (float)bins, &below, &above);
         a.below_f = _mm512_set1_ps(bounded ? below : INFINITY);
         a.above_f = _mm512_set1_ps(bounded ? above : -INFINITY);
@@ -285,11 +289,8 @@ AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const f
             __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
             __m512i k = quotient_double ? guess_ffd(v, &a, last, mask, &bad, &near)
                                         : guess_fff(v, &a, last, mask, &bad, &near);
-            if (extremes) {
-                lo_v = _mm512_mask_min_ps(lo_v, mask, lo_v, v);
-                hi_v = _mm512_mask_max_ps(hi_v, mask, hi_v, v);
-                nan_seen |= _mm512_mask_cmp_ps_mask(mask, v, v, _CMP_UNORD_Q);
-            }
+            if (extremes)
+                extremes_step(v, mask, &lo_v, &hi_v, &nan_seen);
             if (bad) { /* a guess outside the bins: numpy would index out of range; the caller runs numpy's code */
                 placed = 0;
                 break;
@@ -340,10 +341,7 @@ AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const f
             Py_ssize_t m = n - i < 16 ? n - i : 16;
             __mmask16 mask = m == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << m) - 1);
             _mm_prefetch((const char *)(x + i) + PREFETCH, _MM_HINT_T0);
-            __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
-            lo_v = _mm512_mask_min_ps(lo_v, mask, lo_v, v);
-            hi_v = _mm512_mask_max_ps(hi_v, mask, hi_v, v);
-            nan_seen |= _mm512_mask_cmp_ps_mask(mask, v, v, _CMP_UNORD_Q);
+            extremes_step(_mm512_maskz_loadu_ps(mask, x + i), mask, &lo_v, &hi_v, &nan_seen);
         }
         extremes[0] = nan_seen ? NAN : _mm512_reduce_min_ps(lo_v);
         extremes[1] = nan_seen ? NAN : _mm512_reduce_max_ps(hi_v);

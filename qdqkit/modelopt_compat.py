@@ -22,13 +22,15 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      node whose output is a graph output or has a second consumer, and every tensor the calibrator observes
      feeds the reduce nodes it adds, so what it records is computed as before (tested: same "max" scales, bit
      for bit, on the test models; entropy scales there, and 9 of BEVFormer-tiny's 140, move by one or two
-     float32 ulps, at most 2.6e-7 relative, where a fusion inside an unobserved stretch rounds differently). Not ``ORT_ENABLE_ALL``: its
-     layout transformations copy activations, which raised the BEVFormer-tiny qdq peak from 13.5 to 17.0 GB for
-     no time gain. The same sessions also switch onnxruntime's CPU memory arena off, so every activation is a
-     fresh allocation (page faults in proportion to the data); the arena is switched back on. Measured
+     float32 ulps, at most 2.6e-7 relative, where a fusion inside an unobserved stretch rounds differently).
+     Not ``ORT_ENABLE_ALL``: its layout transformations copy activations, which raised the BEVFormer-tiny qdq
+     peak from 13.5 to 17.0 GB for no time gain. The same sessions also switch onnxruntime's CPU memory arena
+     off, so every activation is a fresh allocation (page faults in proportion to the data); the arena is
+     switched back on. Measured
      (benchmarks/qdq_calibration.py, RESULTS.md): per-sample calibration cost on the 64x64 test model 2.8x one
      plain inference upstream, 1.3x with this patch, 1.2x with patch 5 too; the BEVFormer-tiny qdq step
-     (entropy, 8 frames) peaks at 13.4 GB in 107 s (basic level: 13.5 GB, 116 s; no arena: 11.9 GB, 115 s).
+     (entropy, 8 frames) peaks at 13.4 GB in 107 s (basic level: 13.5 GB, 116 s; no arena: 11.9 GB, 115 s),
+     all before patches 6 and 7 (with them: 7.9 GB in 40 s, ``bash examples/bevformer/run.sh``'s report).
 
   5. ModelOpt's "max" calibration (``MinMaxCalibrater``) observes each tensor through a ReduceMin and a ReduceMax,
      each reshaped to its own graph output, fetches every output of the session, and after every sample merges
@@ -55,8 +57,8 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      assignment against ``np.histogram`` on values placed on and beside every edge; the 140 BEVFormer-tiny
      scales identical). NaN, inf, empty, mixed or non-float data, a group whose extreme is zero (whose sign a
      reduction over the concatenation decides), and a collector with another ``merge_histogram`` go to
-     ModelOpt's code, per tensor. Tensors under 1K values keep ``np.histogram`` (its per-call cost is lower), as do those under 64K where the compiled
-     code below is missing.
+     ModelOpt's code, per tensor. Tensors under 1K values keep ``np.histogram`` (its per-call cost is lower), as
+     do those under 64K where the compiled code below is missing.
      Where ``pip install`` could compile ``qdqkit/_histogram.c`` (it needs a C compiler; without one the numpy
      code above runs), the bins of a piece that lies wholly inside the range are assigned in one compiled pass:
      numpy's guess computed in numpy's dtypes, operation for operation, then numpy's two corrections against the
@@ -474,6 +476,21 @@ def _native_modes(edge_dtype: Any, work: dict, denom: Any) -> tuple | None:
     return shifted == np.float64, f == np.float64
 
 
+def _histogram_setup(piece: Any, bins: int, range_: tuple) -> tuple:
+    """What patch 6's counting over ``range_`` needs, as numpy's histogram makes it for data of ``piece``'s dtype:
+    empty counts and the edges (numpy's own, with its argument checks), the range as numpy uses it (an empty one
+    widened), the difference of its ends, the guess buffers, and the compiled counts' modes (or None)."""
+    import numpy as np
+
+    hist, edges = np.histogram(piece[:0], bins, range=range_)
+    first, last = range_
+    if first == last:  # numpy widens an empty range the same way before it computes anything
+        first, last = first - 0.5, last + 0.5
+    denom = np.subtract(last, first, dtype=np.result_type(last, first))
+    work = _estimate_buffers(edges.dtype, first, denom, bins)
+    return hist, edges, first, last, denom, work, _native_modes(edges.dtype, work, denom)
+
+
 def _numpy_histogram(pieces: list, bins: int, range_: tuple) -> tuple:
     """``np.histogram`` of each piece over ``range_``, the counts added."""
     import numpy as np
@@ -509,13 +526,7 @@ def _uniform_histogram(pieces: list, bins: int, range_: tuple, extremes: list) -
     if any(p.dtype.kind != "f" for p in pieces) or size < _NATIVE_MIN or (size < _BLOCK and _NATIVE is None):
         return _numpy_histogram(pieces, bins, range_)
     bins = operator.index(bins)  # as numpy takes it: a Python int, which leaves a float's dtype as it is
-    hist, edges = np.histogram(pieces[0][:0], bins, range=range_)
-    first, last = range_
-    if first == last:  # numpy widens an empty range the same way before it computes anything
-        first, last = first - 0.5, last + 0.5
-    denom = np.subtract(last, first, dtype=np.result_type(last, first))
-    work = _estimate_buffers(edges.dtype, first, denom, bins)
-    native = _native_modes(edges.dtype, work, denom)
+    hist, edges, first, last, denom, work, native = _histogram_setup(pieces[0], bins, range_)
     left = []  # (piece, inside) for numpy's code
     for piece, (lo, hi) in zip(pieces, extremes):
         ends = np.array([lo, hi], dtype=piece.dtype)
@@ -616,9 +627,7 @@ def _counted_within(old: tuple, pieces: list) -> tuple | None:
     if _NATIVE is None or sum(p.size for p in pieces) < _NATIVE_MIN or pieces[0].dtype != np.float32 or \
             first == last:
         return None
-    hist, edges = np.histogram(pieces[0][:0], bins, range=(first, last))  # as _uniform_histogram makes them
-    denom = np.subtract(last, first, dtype=np.result_type(last, first))
-    native = _native_modes(edges.dtype, _estimate_buffers(edges.dtype, first, denom, bins), denom)
+    hist, edges, _, _, denom, _, native = _histogram_setup(pieces[0], bins, (first, last))
     if native is None:
         return None
     extremes, placed = [], True
@@ -759,10 +768,7 @@ def _releasing_histogram_loop(original: Any) -> Any:
                 break
             # `inputs` stays referenced until the sample is collected: onnxruntime returns an observed graph input
             # as an array over the feed's own memory, without a reference to it
-            calibrator.intermediate_outputs.append(calibrator.infer_session.run(None, inputs))
-            _collect_one_sample(calibrator, calibrator.intermediate_outputs.pop())
-            if calibrator.intermediate_outputs:
-                raise RuntimeError("qdqkit's histogram loop found outputs it did not record")
+            _collect_one_sample(calibrator, calibrator.infer_session.run(None, inputs))
 
     collect_data.qdqkit_original = original  # type: ignore[attr-defined]
     return collect_data

@@ -372,7 +372,7 @@ def histogram_path(request, monkeypatch):
 def test_histogram_pieces_are_numpys_bin_for_bin(dtype, monkeypatch, histogram_path):
     import numpy as np
 
-    monkeypatch.setattr(modelopt_compat, "_BLOCK", 4096)  # many blocks, and the small-input shortcut skipped
+    monkeypatch.setattr(modelopt_compat, "_BLOCK", 4096)  # many blocks in the large pieces
     a = _edge_heavy_data(dtype, 40_000, seed=1)
     b = _edge_heavy_data(dtype, 9_000, seed=2)
     whole = np.concatenate([a, b])
