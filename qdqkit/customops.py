@@ -679,18 +679,17 @@ def classify_nodes(proto: onnx.ModelProto, registry: CustomOpRegistry) -> dict[s
     counts = {NODE_STANDARD: 0, NODE_CONTRIB: 0, NODE_KNOWN: 0, NODE_UNKNOWN: 0}
     known: set[str] = set()
     unknown: set[str] = set()
-    classes: dict[tuple[str, str], str] = {}
+    classes: dict[tuple[str, str], tuple[str, str | None]] = {}  # (class, spec key) per (domain, op type)
     for index, node in enumerate(iter_nodes(proto.graph)):
         domain = canonical_domain(node.domain)
         label = f"{domain}::{node.op_type}" if domain else node.op_type
         key = (node.domain, node.op_type)
-        cls = classes.get(key)
-        if cls is None:
-            cls = classes[key] = op_class(node, registry)
-        spec_key = None
+        if key not in classes:
+            cls = op_class(node, registry)
+            spec = registry.lookup(domain, node.op_type) if cls == NODE_KNOWN else None
+            classes[key] = cls, spec and f"{canonical_domain(spec.domain) or 'ai.onnx'}::{spec.op_type}"
+        cls, spec_key = classes[key]
         if cls == NODE_KNOWN:
-            spec = registry.lookup(domain, node.op_type)
-            spec_key = f"{canonical_domain(spec.domain) or 'ai.onnx'}::{spec.op_type}"
             known.add(label)
         elif cls == NODE_UNKNOWN:
             unknown.add(label)

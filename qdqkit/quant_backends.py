@@ -78,7 +78,9 @@ class QuantBackendRegistry:
         return name in self._backends
 
 
-# protobuf cannot serialize a model over 2 GB: past this size the private copy keeps its weights in a side file
+# protobuf cannot serialize a model over 2 GB (qdqkit.model.PROTOBUF_LIMIT, is_large): past this size the private
+# copy keeps its weights in a side file. Lower than that limit on purpose: the same flag decides how ModelOpt saves
+# its output, which grows by the Q/DQ nodes and scales it adds.
 _EXTERNAL_DATA_BYTES = 1_800_000_000
 
 

@@ -15,6 +15,7 @@ import torch
 
 from qdqkit.examples.bevformer import data as D
 from qdqkit.examples.bevformer import export as E
+from qdqkit.validation import cosine
 
 # Measured on this machine (onnxruntime CPU with the registered ONNX-function kernels vs PyTorch FP32, one frame
 # with use_prev_bev=1): bev_embed 9.8e-6, outputs_classes 1.2e-3, outputs_coords 1.4e-2 (coords reach ~50 m).
@@ -130,7 +131,7 @@ def test_onnxruntime_reproduces_pytorch(exported):
         ref = [t.numpy() for t in model(*[torch.from_numpy(sample[k]) for k in D.INPUT_NAMES])]
     for name, g, r in zip(E.BEVFormer.output_names, got, ref):
         err = float(np.abs(g - r).max())
-        cos = float(np.dot(g.ravel(), r.ravel()) / (np.linalg.norm(g) * np.linalg.norm(r)))
+        cos = cosine(g, r)
         assert err < MAX_ABS[name], (name, err)
         assert cos > 0.99999, (name, cos)
     assert sample["use_prev_bev"][0] == 1
