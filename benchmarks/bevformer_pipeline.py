@@ -76,9 +76,10 @@ def main() -> int:
     if args.demo:
         with tempfile.TemporaryDirectory() as work:
             t0 = time.perf_counter()
-            rc = subprocess.call([sys.executable, "-m", "qdqkit.examples.bevformer", "demo", "--workdir", work])
+            rc = subprocess.call([sys.executable, "-m", "qdqkit.examples.bevformer", "demo", "--workdir", work,
+                                  "--recipe", "bevformer-int8", "--calib-samples", "8", "--val-samples", "4"])
             t_demo = time.perf_counter() - t0
-        print(f"demo (8+4 frames, default recipe) {t_demo:8.0f} s   floor 1200 s     ratio {t_demo / 1200:.2f}  (exit {rc})")
+        print(f"demo (8+4 frames, bevformer-int8) {t_demo:8.0f} s   floor 1200 s     ratio {t_demo / 1200:.2f}  (exit {rc})")
     return 0
 
 

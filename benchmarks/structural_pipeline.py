@@ -34,7 +34,7 @@ PASSES = "detect-custom-ops,trt-plugin-domain,infer-shapes,check"
 WORKER = r"""
 import json, os, sys, time
 sys.path.insert(0, {core!r})
-from qdqkit.report import peak_rss as rss_peak, reset_peak_rss
+from qdqkit.report import peak_rss, reset_peak_rss
 def reset():
     if not reset_peak_rss():
         raise SystemExit("needs /proc/self/clear_refs: each step's own peak memory cannot be measured")
@@ -45,7 +45,7 @@ if mode in ("floor", "peer"):
         from qdqkit.plugins import Session
         session = Session.start(["qdqkit_toyops"], autoload=False)
         session.custom_ops.register_onnx_schemas()
-    reset(); base = rss_peak(); t = time.perf_counter()
+    reset(); base = peak_rss(); t = time.perf_counter()
     m = onnx.load(src)
     if mode == "peer":
         if external:
@@ -66,7 +66,7 @@ else:
     session = Session.start(["builtin-passes", "qdqkit_toyops"], autoload=False)
     session.custom_ops.register_onnx_schemas()
     import onnxsim, onnxruntime  # imported before the clock: the floor does not pay for imports either
-    reset(); base = rss_peak(); t = time.perf_counter()
+    reset(); base = peak_rss(); t = time.perf_counter()
     handle = ModelHandle.load(src)
     pipe = Pipeline(steps_from_names(mode), session.passes, hook=session.hook)
     ctx = PassContext(custom_ops=session.custom_ops, hook=session.hook, workdir=Path(os.path.dirname(dst)))
@@ -74,7 +74,7 @@ else:
     handle.save(dst)
     assert handle.conversions == 0
 wall = time.perf_counter() - t
-print(json.dumps({{"wall": wall, "peak": rss_peak(), "base": base}}))
+print(json.dumps({{"wall": wall, "peak": peak_rss(), "base": base}}))
 """
 
 
