@@ -331,44 +331,59 @@ def _pack_entries(spatial_shapes, S: int) -> int:
     return 2 * S + 2
 
 
-def _run_packed(kind: str, value, spatial_shapes, shapes, ref, off, aw, out, B, S, M, D, Q, L, P, G,
-                scales=()) -> bool:
-    """Packs value into a workspace and gathers from it (the packed form); False where the form cannot serve the
-    call (then nothing was launched)."""
+def _packed_ok(kind: str, D, L, P, value, form, B, Q, M) -> bool:
+    """Whether the packed form can serve this call at all (a forced ``_packed=True`` included): where the
+    cooperative kernels can, for fp16 and int8, within the copy's grid and the gather's 32-bit indexing."""
+    return (kind in _PACK_ENTRY_BYTES and _coop_ok(D, L, P, value, form) and B * M < 65536
+            and value.numel() * value.element_size() < 2**31 and B * Q * M * 8 < 2**31)
+
+
+def _pack(kind: str, value, spatial_shapes, shapes, B, S, M, D, work=None):
+    """Launches msda_pack_<kind> (value, [B,S,M,32], into the corner-packed workspace), in ``work`` where given (a
+    uint8 tensor of at least the bytes needed), else in a fresh one; returns the workspace, or None where it would
+    exceed 2 GB (nothing launched)."""
     import torch
 
     entries = _pack_entries(spatial_shapes, S)
     nbytes = B * M * entries * _PACK_ENTRY_BYTES[kind]
-    if not (D == 32 and L == 1 and P in (4, 8) and nbytes < 2**31 and B * M < 65536
-            and value.numel() * value.element_size() < 2**31
-            and B * Q * M * 8 < 2**31):
+    if nbytes >= 2**31:
+        return None
+    if work is None:
+        work = torch.empty(nbytes, dtype=torch.uint8, device=value.device)
+    elif work.dtype != torch.uint8 or work.numel() < nbytes or work.device != value.device:
+        raise ValueError(f"msda_pack: work must be a uint8 tensor of at least {nbytes} bytes on {value.device}")
+    grid = (_grid1(entries * _PACK_ENTRY_BYTES[kind] // 16)[0], B * M)  # 16-byte pieces of a slice, (b, m)
+    _launch("msda", f"msda_pack_{kind}", grid, (value, shapes, B, S, M, D, work), value.device)
+    return work
+
+
+def _run_packed(kind: str, value, spatial_shapes, shapes, ref, off, aw, out, B, S, M, D, Q, L, P, G,
+                scales=()) -> bool:
+    """Packs value into a workspace and gathers from it (the packed form; the caller checked :func:`_packed_ok`);
+    False where the workspace would be too large (then nothing was launched)."""
+    work = _pack(kind, value, spatial_shapes, shapes, B, S, M, D)
+    if work is None:
         return False
-    work = torch.empty(nbytes, dtype=torch.uint8, device=value.device)
-    _launch("msda", f"msda_pack_{kind}", _pack_grid(kind, entries, B, M), (value, shapes, B, S, M, D, work),
-            value.device)
     _launch("msda", f"msda_pk_lp{P}_{kind}", _grid1(B * Q * M * 8),
             (work, shapes, ref, off, aw, B, S, M, D, Q, L, P, G, *scales, out), value.device)
     return True
 
 
-def msda_pack(value, spatial_shapes):
+def msda_pack(value, spatial_shapes, work=None):
     """The packed form's workspace for ``value`` (fp16 or int8, [B,S,M,32], one level) as a uint8 tensor: what
-    :func:`ms_deform_attn` builds before its gather (for the benchmarks, which time the copy alone)."""
+    :func:`ms_deform_attn` builds before its gather (for the benchmarks, which time the copy alone, and the tests,
+    which hand in a poisoned ``work``)."""
     import torch
 
     kind = "int8" if value.dtype == torch.int8 else _float_dtype("msda_pack", value)
     B, S, M, D = value.shape
-    shapes = _shapes_i64(spatial_shapes, value.device)
-    entries = _pack_entries(spatial_shapes, S)
-    work = torch.empty(B * M * entries * _PACK_ENTRY_BYTES[kind], dtype=torch.uint8, device=value.device)
-    _launch("msda", f"msda_pack_{kind}", _pack_grid(kind, entries, B, M),
-            (value.contiguous(), shapes, B, S, M, D, work), value.device)
+    if not _packed_ok(kind, D, len(spatial_shapes), 4, value, "global", B, 1, M):
+        raise ValueError("msda_pack: value must be fp16 or int8 [B,S,M,32] with one level")
+    work = _pack(kind, value.contiguous(), spatial_shapes, _shapes_i64(spatial_shapes, value.device), B, S, M, D,
+                 work)
+    if work is None:
+        raise ValueError("msda_pack: the workspace would exceed 2 GB")
     return work
-
-
-def _pack_grid(kind: str, entries: int, B: int, M: int) -> Tuple[int, int]:
-    """Grid of msda_pack_<kind>: x over the 16-byte pieces of one (b, m) slice, y over B * M."""
-    return (_grid1(entries * (16 if kind == "fp16" else 8))[0], B * M)
 
 
 def _coop_ok(D, L, P, value, form) -> bool:
@@ -414,9 +429,9 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
     form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, esize, value.device, strategy)
     narrow = 8 if kind == "fp16" else 4
     coop = _coop if _coop is not None else (_vec is None and use_coop(kind, D, L, P, B * Q * M))
-    packed = _packed if _packed is not None else (_vec is None and _coop is None
-                                                  and use_packed(kind, D, L, P, B * Q * M))
-    if (packed and kind == "fp16" and vec == 8 and form == "global"
+    packed = _packed if _packed is not None else (_vec is None and _coop is None and coop
+                                                  and P in _PACKED_POINTS[kind])
+    if (packed and kind == "fp16" and vec == 8 and _packed_ok(kind, D, L, P, value, form, B, Q, M)
             and _run_packed(kind, value, spatial_shapes, shapes, ref, off, aw, out, B, S, M, D, Q, L, P, G)):
         return out
     if coop and vec == narrow and _coop_ok(D, L, P, value, form):
@@ -493,8 +508,8 @@ def ms_deform_attn_int8(value, spatial_shapes, reference_points, sampling_offset
               _float_bits(out_scale))
     form, qchunk, grid, smem = _msda_plan(B, S, M, D, Q, L, P, 1, value.device, strategy)
     coop = _coop if _coop is not None else use_coop("int8", D, L, P, B * Q * M)
-    packed = _packed if _packed is not None else (_coop is None and use_packed("int8", D, L, P, B * Q * M))
-    if (packed and form == "global"
+    packed = _packed if _packed is not None else (_coop is None and coop and P in _PACKED_POINTS["int8"])
+    if (packed and _packed_ok("int8", D, L, P, value, form, B, Q, M)
             and _run_packed("int8", value, spatial_shapes, shapes, ref, off, aw, out, B, S, M, D, Q, L, P, G,
                             scales)):
         return out

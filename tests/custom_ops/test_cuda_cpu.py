@@ -114,4 +114,5 @@ def test_trt_plugin_keeps_the_cooperative_kernel_where_pytorch_packs():
         launch = tp.msda_launch(dtype, (6, 375, 8, 32), 1, 8, 8, 2500, scales=scales)
         assert launch.kernel == f"msda_co_lp8_{dtype}"
     assert not cuda.use_packed("fp32", 32, 1, 8, 6 * 2500 * 8)
-    assert not cuda.use_packed("fp16", 32, 1, 8, 1000)  # too few groups: not even the cooperative kernels
+    assert not cuda.use_packed("int8", 32, 1, 8, 1000)  # too few groups: not even the cooperative kernels
+    assert not cuda.use_packed("fp16", 32, 1, 8, 6 * 2500 * 8)  # fp16 keeps the cooperative kernel (R14)
