@@ -19,7 +19,7 @@
    graph optimizations (calibration must see every intermediate tensor, which rules out onnxruntime's fusions
    across them), and qdqkit's own share (reading one sample from a memory-mapped .npy folder through the
    calibration reader). --compare times, interleaved in the same repeats, ModelOpt without patch 5 ("max") or
-   without patch 6 (entropy) and ModelOpt as it comes (qdqkit/modelopt_compat.py).
+   without patches 6 and 7 (entropy), without patch 8, and as it comes (qdqkit/modelopt_compat.py).
 2. Memory. In a fresh process that has already imported everything, the peak resident memory (sampled every
    2 ms) while it opens a data set and calibrates on every sample, above the resident memory just before; for a
    small and an 8x larger data set, once from a .npy folder (memory-mapped) and once from an .npz (read whole).
@@ -132,7 +132,9 @@ VARIANTS = {
     "shipped": {},
     "without-running-ranges": {"running_ranges": False},
     "without-direct-histograms": {"direct_histograms": False},
-    "modelopt-as-it-comes": {"fold_constants": False, "running_ranges": False, "direct_histograms": False},
+    "without-read-ranges-only": {"read_ranges_only": False},
+    "modelopt-as-it-comes": {"fold_constants": False, "running_ranges": False, "direct_histograms": False,
+                             "read_ranges_only": False},
 }
 # the variant that leaves out the patch specific to each calibration method
 _WITHOUT = {"max": "without-running-ranges", "entropy": "without-direct-histograms"}
@@ -424,8 +426,8 @@ def main() -> None:
                     help="the two calibration sizes whose difference gives the per-sample cost (default 8 264)")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats; the median counts (default 7)")
     ap.add_argument("--compare", action="store_true",
-                    help="also time ModelOpt without the method's own patch (5 for max, 6 for entropy) and as it "
-                         "comes, interleaved in the same repeats")
+                    help="also time ModelOpt without the method's own patch (5 for max, 6 and 7 for entropy), "
+                         "without patch 8, and as it comes, interleaved in the same repeats")
     ap.add_argument("--method", choices=("max", "entropy"), default="max",
                     help="calibration method timed (default max; the memory part always uses max)")
     ap.add_argument("--bevformer", action="store_true",
@@ -442,7 +444,8 @@ def main() -> None:
         kind, path, grid, width = args.child
         _child(kind, path, int(grid), int(width))
         return
-    variants = ("shipped", _WITHOUT[args.method], "modelopt-as-it-comes") if args.compare else ("shipped",)
+    variants = ("shipped", _WITHOUT[args.method], "without-read-ranges-only", "modelopt-as-it-comes") \
+        if args.compare else ("shipped",)
     n1, n2 = args.samples
     if args.time_only:
         figures = {"time": time_benchmark(args.grid, args.width, n1, n2, args.repeats, variants, args.method,

@@ -98,6 +98,20 @@ def test_onnxruntime_quantization_is_restored_after_modelopt():
     assert (CalibraterBase.__init__, MinMaxCalibrater.collect_data) == before
 
 
+def test_onnxruntime_op_registries_are_restored_after_modelopt():
+    from modelopt.onnx.quantization.ort_utils import configure_ort
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    before = dict(QDQRegistry), dict(QLinearOpsRegistry)
+    with modelopt_compat.patched_modelopt():
+        # what a ModelOpt quantize() call with an INT8 plugin does, for good: the plugin registered as quantizable,
+        # Relu and Concat no longer
+        configure_ort(["Conv", "MyPluginTRT"], [], calibration_eps=["cpu"], custom_ops_to_quantize=["MyPluginTRT"])
+        assert "MyPluginTRT" in QDQRegistry and "Relu" not in QLinearOpsRegistry
+    assert (dict(QDQRegistry), dict(QLinearOpsRegistry)) == before
+    assert "MyPluginTRT" not in QDQRegistry and "Relu" in QLinearOpsRegistry
+
+
 def _conv_mlp_model() -> onnx.ModelProto:
     import numpy as np
     from onnx import numpy_helper
@@ -130,10 +144,34 @@ def _conv_mlp_model() -> onnx.ModelProto:
 _SAMPLES = 8
 
 
+def _residual_model() -> onnx.ModelProto:
+    """Two residual blocks' worth of a ResNet: ModelOpt's placement quantizes the Add's residual input and marks its
+    other input (the Conv the Add fuses into) for Q/DQ removal after the quantizer has run."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(4)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 16, 16])
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3"], ["y"], name="conv3", pads=[1, 1, 1, 1]),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 32, 3, 3)).astype("float32") * 0.1, f"w{i}")
+             for i in (1, 2, 3)]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+
+
 def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = False, method: str = "max",
-                        direct: bool = False, shrinking: bool = False) -> dict:
+                        direct: bool = False, shrinking: bool = False, read_only: bool = False,
+                        model=_conv_mlp_model, reader=None) -> dict:
     """Quantize the test model with the given patches; record what the calibration did. The samples are scaled up
-    one after the other (every sample widens the ranges), or down with ``shrinking``."""
+    one after the other (every sample widens the ranges), or down with ``shrinking``; they go to ModelOpt as
+    arrays, or through a reader of the class ``reader``."""
     import weakref
 
     import numpy as np
@@ -142,6 +180,7 @@ def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = Fa
     from onnx import numpy_helper
     from onnxruntime.quantization.calibrate import HistogramCollector
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rec: dict = {"levels": [], "arena": [], "fetched": [], "compute_data": 0, "groups": None, "histograms": None,
                  "collect_value": None, "alive": [], "refs": []}
     original_init, original_run = ort.InferenceSession.__init__, ort.InferenceSession.run
@@ -179,13 +218,16 @@ def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = Fa
     HistogramCollector.compute_collection_result = spy_result
     try:
         with modelopt_compat.patched_modelopt(fold_constants=fold, running_ranges=running,
-                                              direct_histograms=direct), \
+                                              direct_histograms=direct, read_ranges_only=read_only), \
                 modelopt_compat.run_in_private_dir(tmp_path) as d:
-            onnx.save(_conv_mlp_model(), d / "m.onnx")
-            data = np.random.default_rng(0).standard_normal((_SAMPLES, 8, 16, 16)).astype("float32")
+            proto = model()
+            onnx.save(proto, d / "m.onnx")
+            shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+            data = np.random.default_rng(0).standard_normal((_SAMPLES, *shape[1:])).astype("float32")
             scale = np.linspace(0.5, 2.0, _SAMPLES, dtype="float32")  # every sample counts
             data *= (scale[::-1] if shrinking else scale)[:, None, None, None]
-            quantize(onnx_path=str(d / "m.onnx"), quantize_mode="int8", calibration_data={"x": data},
+            feed = {"calibration_data_reader": reader(data)} if reader else {"calibration_data": {"x": data}}
+            quantize(onnx_path=str(d / "m.onnx"), quantize_mode="int8", **feed,
                      calibration_method=method, calibration_eps=["cpu"], high_precision_dtype="fp32",
                      dq_only=False, output_path=str(d / "q.onnx"), log_level="ERROR",
                      use_external_data_format=external)
@@ -195,7 +237,28 @@ def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = Fa
         ort_patching._compute_data_minmax_calibrator = original_compute
         HistogramCollector.compute_collection_result = original_result
     rec["scales"] = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer if "scale" in i.name}
+    rec["model"] = q
     return rec
+
+
+class _Once:
+    """A calibration data reader over the samples of one input ``x`` that cannot start again."""
+
+    def __init__(self, data) -> None:
+        self.data, self.i = data, 0
+
+    def get_next(self):
+        if self.i == len(self.data):
+            return None
+        self.i += 1
+        return {"x": self.data[self.i - 1:self.i]}
+
+
+class _Rewinding(_Once):
+    """The same, able to start again."""
+
+    def rewind(self) -> None:
+        self.i = 0
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +326,10 @@ def _onnxruntime_minmax_ranges(tmp_path, patched: bool) -> tuple:
     nodes = [helper.make_node("Relu", ["x"], ["r"]),
              helper.make_node("Cast", ["r"], ["h"], to=TensorProto.FLOAT16),
              helper.make_node("Mul", ["h", "k"], ["m"]),
-             helper.make_node("Cast", ["m"], ["y"], to=TensorProto.FLOAT)]
+             # a scalar (rank 0) observed too: its reduction cannot be concatenated with others
+             helper.make_node("ReduceMax", ["m"], ["s"], keepdims=0),
+             helper.make_node("Sub", ["m", "s"], ["d"]),
+             helper.make_node("Cast", ["d"], ["y"], to=TensorProto.FLOAT)]
     k = numpy_helper.from_array(np.array(-1.5, dtype=np.float16), "k")
     onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [k]),
                                 opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
@@ -298,7 +364,7 @@ def test_running_ranges_of_float32_and_float16_outputs_are_onnxruntimes(tmp_path
     # one gathered output per element type: a running range per output of its own dtype
     assert gathered is not None and {g.rsplit("_", 1)[1] for g, _ in gathered} == \
         {str(TensorProto.FLOAT), str(TensorProto.FLOAT16)}
-    assert got.keys() == want.keys() and {"x", "r", "h", "m", "y"} <= set(got)
+    assert got.keys() == want.keys() and {"x", "r", "h", "m", "s", "y"} <= set(got)
     for name in want:
         for mine, theirs in zip(got[name].range_value, want[name].range_value):
             assert mine.dtype == theirs.dtype, name
@@ -689,3 +755,95 @@ def test_entropy_calibration_as_shipped_gives_modelopts_scales(tmp_path, upstrea
     rec = _quantize_recording(tmp_path, fold=True, running=True, method="entropy", direct=True)
     _assert_same_histograms(rec["histograms"], upstream_entropy["histograms"])
     _assert_same_scales(rec["scales"], upstream_entropy["scales"])
+
+
+# -- patch 8: only the ranges the quantizer reads are calibrated -------------------------------------------------
+
+def _quantized(model) -> set:
+    return {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def _assert_same_model(got, want) -> None:
+    assert got.SerializeToString() == want.SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def upstream_residual(tmp_path_factory):
+    """ModelOpt's own entropy calibration of the residual model, every calibration patch off."""
+    return _quantize_recording(tmp_path_factory.mktemp("upstream_residual"), fold=False, running=False,
+                               method="entropy", model=_residual_model)
+
+
+def test_modelopt_calibrates_ranges_its_quantizer_never_reads_upstream(upstream_entropy, upstream_residual):
+    for rec in (upstream_entropy, upstream_residual):
+        calibrated, quantized = set(rec["histograms"]), _quantized(rec["model"])
+        # every input and output of a node to quantize is calibrated, also those that never get a Q/DQ: patch 8 has
+        # work to do
+        assert calibrated - quantized and calibrated & quantized
+
+
+@pytest.mark.parametrize("method", ["entropy", "max"])
+def test_calibration_of_read_ranges_only_gives_modelopts_model(tmp_path, method, monkeypatch, upstream_residual,
+                                                              recwarn):
+    units = []
+    unit_range = modelopt_compat._unit_range
+    monkeypatch.setattr(modelopt_compat, "_unit_range", lambda: units.append(1) or unit_range())
+    want = upstream_residual if method == "entropy" else \
+        _quantize_recording(tmp_path / "upstream", fold=False, running=False, method=method, model=_residual_model)
+    rec = _quantize_recording(tmp_path, fold=False, running=False, method=method, model=_residual_model,
+                              read_only=True)
+    # the same model, Q/DQ and scales byte for byte, at the first attempt
+    _assert_same_model(rec["model"], want["model"])
+    assert not [w for w in recwarn if "patch 8" in str(w.message)]
+    if method == "entropy":
+        # only the tensors that keep a Q/DQ were calibrated, with the same histograms as upstream; the Add's
+        # fused input, whose range the quantizer reads but whose Q/DQ ModelOpt removes, took a unit range
+        assert set(rec["histograms"]) == _quantized(rec["model"]) - {"w1", "w2", "w3"} == {"x", "r1", "r2"}
+        _assert_same_histograms_of(rec["histograms"], {k: want["histograms"][k] for k in rec["histograms"]})
+        assert units == [1]
+
+
+def test_calibration_of_read_ranges_only_with_every_patch_gives_modelopts_model(tmp_path, upstream_entropy,
+                                                                               upstream, recwarn):
+    for method, want in (("entropy", upstream_entropy), ("max", upstream)):
+        rec = _quantize_recording(tmp_path / method, fold=True, running=True, direct=True, method=method,
+                                  read_only=True)
+        _assert_same_scales(rec["scales"], want["scales"])
+        assert [n.op_type for n in rec["model"].graph.node] == [n.op_type for n in want["model"].graph.node]
+        if method == "entropy":
+            assert len(rec["histograms"]) < len(upstream_entropy["histograms"])
+    # "max" gives the Concat's inputs one range (ModelOpt merges their ranges, which the scales above compare):
+    # calibrated together although only one of them is a Q/DQ's input
+    assert rec["groups"] == upstream["groups"] and any(
+        len(group) > 1 for group in rec["groups"].values())
+    assert not [w for w in recwarn if "patch 8" in str(w.message)]
+
+
+@pytest.mark.parametrize("reader", [_Rewinding, _Once])
+def test_a_range_read_after_all_is_calibrated_again_or_refused(tmp_path, monkeypatch, reader, upstream_residual):
+    dry_run = modelopt_compat._dry_run
+
+    def forgetful(*args):
+        read, model = dry_run(*args)
+        return read - {"r2"}, model  # as if the dry run had missed one
+
+    monkeypatch.setattr(modelopt_compat, "_dry_run", forgetful)
+    if reader is _Once:  # no second calibration from a reader that cannot start again
+        with pytest.raises(RuntimeError, match="read_ranges_only=False"):
+            _quantize_recording(tmp_path, fold=False, running=False, method="entropy", model=_residual_model,
+                                read_only=True, reader=reader)
+        return
+    with pytest.warns(UserWarning, match="calibrating again with every range"):
+        rec = _quantize_recording(tmp_path, fold=False, running=False, method="entropy", model=_residual_model,
+                                  read_only=True, reader=reader)
+    _assert_same_model(rec["model"], upstream_residual["model"])
+    assert set(rec["histograms"]) == set(upstream_residual["histograms"])
+
+
+def test_a_unit_range_that_keeps_its_qdq_is_refused(tmp_path, monkeypatch):
+    removed = modelopt_compat._removed_afterwards
+    # as if ModelOpt were to remove the Q/DQ of r2, which it keeps
+    monkeypatch.setattr(modelopt_compat, "_removed_afterwards", lambda *a: removed(*a) | {"r2"})
+    with pytest.raises(RuntimeError, match="unit range"):
+        _quantize_recording(tmp_path, fold=False, running=False, method="entropy", model=_residual_model,
+                            read_only=True)
