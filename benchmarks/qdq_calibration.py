@@ -36,7 +36,8 @@
    excluded, as by the bevformer-int8 recipe).
 
 Run: python benchmarks/qdq_calibration.py [--quick | --time-only | --histogram-only] [--grid G --width W]
-     [--samples N1 N2] [--repeats R] [--compare] [--method max|entropy] [--bevformer] [--plain-runs K]
+     [--samples N1 N2] [--repeats R] [--compare | --variants NAME...] [--method max|entropy] [--bevformer]
+     [--plain-runs K]
 """
 
 from __future__ import annotations
@@ -294,7 +295,8 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
                 out[name][f"{part}_over_plain"] = _spread([v[i] * 1e3 / plain_ms for v in intervals[name]])
             out[name]["sample_intervals"] = len(intervals[name])
     for name in variants[1:]:
-        out[name]["scales_max_relative_difference_to_shipped"] = _scale_difference(scales[name], scales["shipped"])
+        out[name][f"scales_max_relative_difference_to_{variants[0]}"] = _scale_difference(scales[name],
+                                                                                         scales[variants[0]])
     ratios = out[variants[0]]["per_sample_over_plain"]
     if method == "max":
         out["target"] = f"{variants[0]}: per_sample_over_plain <= 1.3 (slope; the intercept is the fixed overhead)"
@@ -428,6 +430,9 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true",
                     help="also time ModelOpt without the method's own patch (5 for max, 6 and 7 for entropy), "
                          "without patch 8, and as it comes, interleaved in the same repeats")
+    ap.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), metavar="NAME",
+                    help=f"time these configurations, interleaved in the same repeats (the first is the one the "
+                         f"others' scales are compared with): {', '.join(VARIANTS)}")
     ap.add_argument("--method", choices=("max", "entropy"), default="max",
                     help="calibration method timed (default max; the memory part always uses max)")
     ap.add_argument("--bevformer", action="store_true",
@@ -444,8 +449,9 @@ def main() -> None:
         kind, path, grid, width = args.child
         _child(kind, path, int(grid), int(width))
         return
-    variants = ("shipped", _WITHOUT[args.method], "without-read-ranges-only", "modelopt-as-it-comes") \
-        if args.compare else ("shipped",)
+    variants = tuple(args.variants) if args.variants else \
+        ("shipped", _WITHOUT[args.method], "without-read-ranges-only", "modelopt-as-it-comes") if args.compare else \
+        ("shipped",)
     n1, n2 = args.samples
     if args.time_only:
         figures = {"time": time_benchmark(args.grid, args.width, n1, n2, args.repeats, variants, args.method,
