@@ -510,7 +510,7 @@ static PyMethodDef methods[] = {
     {"counts", py_counts, METH_VARARGS,
      "counts(data, edges, first, denom, bins, shifted_double, quotient_double, hist) -> bool"},
     {"counts_extremes", py_counts_extremes, METH_VARARGS,
-     "counts_extremes(<counts' arguments>) -> (min, max) | False | None"},
+     "counts_extremes(<counts' arguments>) -> (placed, min, max) | None"},
     {"simd", py_simd, METH_VARARGS, "simd([level]) -> the level counts() runs at ('scalar' or 'avx512'), set if given"},
     {"simd_levels", py_simd_levels, METH_NOARGS, "simd_levels() -> the levels this processor can run"},
     {NULL, NULL, 0, NULL},

@@ -929,16 +929,39 @@ def _shapes_inferred_once() -> Iterator[None]:
         setattr(mod, _SHAPES_LOADER[1], original)
 
 
+class PatchNotes:
+    """What patch 8 did in the INT8 quantizations of a ``patched_modelopt`` block, as report lines (read them after
+    ModelOpt has run)."""
+
+    def __init__(self, calls: list) -> None:
+        self._calls = calls
+
+    def lines(self) -> list[str]:
+        return [line for line in (c.note() for c in self._calls) if line]
+
+
 class _Int8Call:
     """What patch 8 learns during one call of ModelOpt's INT8 quantization: the inputs its placement marks for Q/DQ
-    removal after the quantizer has run (None: not seen), and the tensors given a unit range instead of a
-    calibrated one because that removal takes their Q/DQ away again."""
+    removal after the quantizer has run (None: not seen), the tensors given a unit range instead of a calibrated
+    one because that removal takes their Q/DQ away again, and how many tensors ModelOpt would have calibrated and
+    how many were (None where patch 8 left the call as it was)."""
 
     current: _Int8Call | None = None
 
     def __init__(self) -> None:
         self.no_quantize_inputs: list | None = None
         self.unit_ranges: set[str] = set()
+        self.observed: int | None = None
+        self.calibrated: int | None = None
+
+    def note(self) -> str | None:
+        """One line for a report, or None where patch 8 did not apply."""
+        if self.observed is None:
+            return None
+        removed = f" or ({len(self.unit_ranges)}) whose Q/DQ it removes afterwards" if self.unit_ranges else ""
+        return (f"calibrated {self.calibrated} of the {self.observed} tensors ModelOpt observes; the other "
+                f"{self.observed - self.calibrated} are tensors whose ranges its quantizer does not read{removed} "
+                "(qdqkit patch 8; the same model)")
 
 
 def _unit_range() -> Any:
@@ -1009,11 +1032,13 @@ def _calibrating_only(original: Any) -> Any:
                     needed.update(group, (tensor,))
             calibrated = needed - unit
             left_out: set[str] = set()
+            counts: list[tuple[int, int]] = []
             choose = CalibraterBase.select_tensors_to_calibrate
 
             def select_tensors_to_calibrate(calibrator: Any, model: Any) -> tuple:
                 tensors, value_infos = choose(calibrator, model)
                 left_out.update(tensors - calibrated)
+                counts.append((len(tensors), len(tensors & calibrated)))
                 return tensors & calibrated, value_infos
 
             CalibraterBase.select_tensors_to_calibrate = select_tensors_to_calibrate
@@ -1030,6 +1055,8 @@ def _calibrating_only(original: Any) -> Any:
                     raise error
                 if call is not None:
                     call.unit_ranges |= unit
+                    if len(counts) == 1:
+                        call.observed, call.calibrated = counts[0]
                 return result
         # the quantizer asked for a range the dry run said it would not: calibrate everything after all
         message = "ModelOpt's quantizer read a range that qdqkit's patch 8 had left uncalibrated"
@@ -1044,12 +1071,14 @@ def _calibrating_only(original: Any) -> Any:
     return quantize_static
 
 
-def _int8_checked(original: Any) -> Any:
+def _int8_checked(original: Any, calls: list) -> Any:
     """ModelOpt's INT8 quantization with what patch 8 needs of it: the placement's list of inputs whose Q/DQ go
-    again after quantization, and a check that none of the tensors given a unit range kept a Q/DQ."""
+    again after quantization, and a check that none of the tensors given a unit range kept a Q/DQ. Each call's
+    ``_Int8Call`` goes to ``calls``."""
 
     def quantize_int8(*args: Any, **kwargs: Any) -> Any:
         call = _Int8Call.current = _Int8Call()
+        calls.append(call)
         try:
             model = original(*args, **kwargs)
         finally:
@@ -1080,22 +1109,23 @@ _PLACEMENT = ("modelopt.onnx.quantization.int8", "_find_nodes_to_quantize")
 
 
 @contextlib.contextmanager
-def calibration_of_read_ranges_only() -> Iterator[None]:
+def calibration_of_read_ranges_only() -> Iterator[list]:
     """Inside the block ModelOpt calibrates only the tensors whose ranges its quantizer reads and its
-    post-processing keeps (patch 8)."""
+    post-processing keeps (patch 8). Yields a list that receives an ``_Int8Call`` per INT8 quantization."""
+    calls: list[_Int8Call] = []
     static_mod = importlib.import_module(_QUANTIZE_STATIC[0])
     original = getattr(static_mod, _QUANTIZE_STATIC[1])
     if hasattr(original, "qdqkit_original"):
-        yield
+        yield calls
         return
     int8_mod, placement_mod = importlib.import_module(_INT8[0]), importlib.import_module(_PLACEMENT[0])
     int8, find = getattr(int8_mod, _INT8[1]), getattr(placement_mod, _PLACEMENT[1])
-    checked = _int8_checked(int8)
+    checked = _int8_checked(int8, calls)
     setattr(static_mod, _QUANTIZE_STATIC[1], _calibrating_only(original))
     setattr(int8_mod, _INT8[1], checked)
     setattr(placement_mod, _PLACEMENT[1], checked.qdqkit_placement)
     try:
-        yield
+        yield calls
     finally:
         setattr(static_mod, _QUANTIZE_STATIC[1], original)
         setattr(int8_mod, _INT8[1], int8)
@@ -1104,9 +1134,10 @@ def calibration_of_read_ranges_only() -> Iterator[None]:
 
 @contextlib.contextmanager
 def patched_modelopt(fold_constants: bool = True, running_ranges: bool = True,
-                     direct_histograms: bool = True, read_ranges_only: bool = True) -> Iterator[None]:
+                     direct_histograms: bool = True, read_ranges_only: bool = True) -> Iterator[PatchNotes]:
     """Apply the patches listed in the module docstring for the duration of the block (re-entrant).
-    ``direct_histograms`` switches patches 6 and 7 together; ``read_ranges_only`` is patch 8."""
+    ``direct_histograms`` switches patches 6 and 7 together; ``read_ranges_only`` is patch 8. Yields the
+    ``PatchNotes`` of the block."""
     check_version()
     with _LOCK, onnxruntime_quantization_restored():
         saved: list[tuple[Any, str, Any]] = []
@@ -1130,8 +1161,8 @@ def patched_modelopt(fold_constants: bool = True, running_ranges: bool = True,
             with calibration_sessions_folded() if fold_constants else contextlib.nullcontext(), \
                     calibration_ranges_running() if running_ranges else contextlib.nullcontext(), \
                     calibration_histograms_direct() if direct_histograms else contextlib.nullcontext(), \
-                    calibration_of_read_ranges_only() if read_ranges_only else contextlib.nullcontext():
-                yield
+                    calibration_of_read_ranges_only() if read_ranges_only else contextlib.nullcontext([]) as calls:
+                yield PatchNotes(calls)
         finally:
             for owner, attr, value in reversed(saved):
                 setattr(owner, attr, value)

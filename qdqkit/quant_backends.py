@@ -97,7 +97,7 @@ class ModelOptBackend:
     def quantize(self, model: onnx.ModelProto, job: QuantJob) -> onnx.ModelProto:
         from qdqkit import modelopt_compat
 
-        with modelopt_compat.patched_modelopt(), modelopt_compat.run_in_private_dir(job.workdir) as tmp:
+        with modelopt_compat.patched_modelopt() as patch_notes, modelopt_compat.run_in_private_dir(job.workdir) as tmp:
             from modelopt.onnx.quantization import quantize
 
             src, out = tmp / "model.onnx", tmp / "model.quant.onnx"
@@ -126,6 +126,7 @@ class ModelOptBackend:
                 raise RuntimeError("ModelOpt finished without writing its output model")
             result = onnx.load(str(out))
         job.notes.append(f"modelopt {modelopt_compat.modelopt_version()}: INT8, calibration on CPU")
+        job.notes.extend(patch_notes.lines())
         return result
 
 

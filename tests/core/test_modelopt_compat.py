@@ -218,7 +218,7 @@ def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = Fa
     HistogramCollector.compute_collection_result = spy_result
     try:
         with modelopt_compat.patched_modelopt(fold_constants=fold, running_ranges=running,
-                                              direct_histograms=direct, read_ranges_only=read_only), \
+                                              direct_histograms=direct, read_ranges_only=read_only) as notes, \
                 modelopt_compat.run_in_private_dir(tmp_path) as d:
             proto = model()
             onnx.save(proto, d / "m.onnx")
@@ -238,6 +238,7 @@ def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = Fa
         HistogramCollector.compute_collection_result = original_result
     rec["scales"] = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer if "scale" in i.name}
     rec["model"] = q
+    rec["notes"] = notes.lines()
     return rec
 
 
@@ -801,6 +802,11 @@ def test_calibration_of_read_ranges_only_gives_modelopts_model(tmp_path, method,
         assert set(rec["histograms"]) == _quantized(rec["model"]) - {"w1", "w2", "w3"} == {"x", "r1", "r2"}
         _assert_same_histograms_of(rec["histograms"], {k: want["histograms"][k] for k in rec["histograms"]})
         assert units == [1]
+        # and the report says so
+        assert rec["notes"] == [f"calibrated 3 of the {len(want['histograms'])} tensors ModelOpt observes; the other "
+                                f"{len(want['histograms']) - 3} are tensors whose ranges its quantizer does not read or "
+                                "(1) whose Q/DQ it removes afterwards (qdqkit patch 8; the same model)"]
+    assert want["notes"] == []  # nothing said where patch 8 is off
 
 
 def test_calibration_of_read_ranges_only_with_every_patch_gives_modelopts_model(tmp_path, upstream_entropy,
