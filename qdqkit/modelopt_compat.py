@@ -896,11 +896,9 @@ class _UnitRanges:
         pass
 
     def compute_data(self) -> Any:
-        import numpy as np
-        from onnxruntime.quantization.calibrate import TensorData, TensorsData
+        from onnxruntime.quantization.calibrate import TensorsData
 
-        return TensorsData(self.method, {t: TensorData(lowest=np.float32(-1), highest=np.float32(1))
-                                         for t in sorted(self.tensors)})
+        return TensorsData(self.method, {t: _unit_range() for t in sorted(self.tensors)})
 
 
 @contextlib.contextmanager
