@@ -620,7 +620,7 @@ def _as_session_input(model: onnx.ModelProto, scratch: str | None = None) -> Any
 
     folder = scratch or tempfile.mkdtemp(prefix="qdqkit-ort-")
     path = os.path.join(folder, "execution.onnx")
-    save_model(model, path, external_data=True)
+    save_model(model, path, external_data=True, durable=False)  # onnxruntime's scratch copy
     return path
 
 

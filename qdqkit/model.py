@@ -220,12 +220,14 @@ def check_output_path(path: Path, source: Path | None) -> None:
     os.unlink(probe)
 
 
-def save_model(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False) -> None:
+def save_model(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
+               durable: bool = True) -> None:
     """Write ``proto`` to ``path`` atomically, optionally with its large tensors in ``<name>.data``.
 
     The model in memory is not modified. With external data, the tensors are streamed one by one from the
     proto into the data file and only a data-less skeleton is serialized, so peak memory stays near the
-    model's own size (``onnx.save`` with external data would rewrite the proto in place).
+    model's own size (``onnx.save`` with external data would rewrite the proto in place). ``durable`` flushes
+    the files to the disk before they take their names; a scratch copy that a crash may lose goes without.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -238,7 +240,8 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
             with os.fdopen(fd, "wb") as f:
                 skeleton = _write_external(proto, f, location)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             payload = skeleton.SerializeToString()
         elif proto_size(proto) >= PROTOBUF_LIMIT:
             raise UserError("model exceeds protobuf's 2 GB limit; save it with external data")
@@ -254,7 +257,8 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
             else:
                 _write_inline_streamed(proto, f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         del payload
         if external_data:
             os.replace(tmp_data, folder / location)

@@ -104,7 +104,7 @@ class ModelOptBackend:
             # proto_size sums the parts (ByteSize would serialize the whole model); save_model leaves ``model``
             # as it is, where onnx.save with external data would move its weights out in place
             external = proto_size(model) > _EXTERNAL_DATA_BYTES
-            save_model(model, src, external_data=external)
+            save_model(model, src, external_data=external, durable=False)  # ModelOpt's private copy
             job.custom_ops.register_onnx_schemas()
             with job.custom_ops.installed_in_onnxruntime(), _quiet("modelopt"), _Muted("modelopt.onnx", _EXPECTED):
                 quantize(

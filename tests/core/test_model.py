@@ -48,6 +48,22 @@ def test_save_is_atomic_and_leaves_no_temp_files(model_file, tmp_path):
     assert onnx.load(out).SerializeToString() == handle.proto.SerializeToString()
 
 
+@pytest.mark.parametrize("external", [False, True])
+def test_only_a_durable_save_waits_for_the_disk(model_file, tmp_path, monkeypatch, external):
+    synced = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    proto = onnx.load(str(model_file))
+    save_model(proto, tmp_path / "scratch.onnx", external_data=external, durable=False)
+    assert synced == []
+    save_model(proto, tmp_path / "kept.onnx", external_data=external)
+    assert len(synced) == (2 if external else 1)  # the data file and the model file
+    for name in ("scratch.onnx", "kept.onnx"):
+        back = onnx.load(str(tmp_path / name))
+        assert back.graph.node == proto.graph.node
+        for got, want in zip(back.graph.initializer, proto.graph.initializer, strict=True):
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(got), onnx.numpy_helper.to_array(want))
+
+
 def test_failed_save_keeps_old_output_and_removes_temps(model_file, tmp_path, monkeypatch):
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous")
