@@ -1084,8 +1084,15 @@ def _int8_checked(original: Any, calls: list) -> Any:
         finally:
             _Int8Call.current = None
         names = {i.name for i in model.graph.initializer}
-        kept = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in
-                call.unit_ranges} | {t for t in call.unit_ranges if f"{t}_scale" in names}
+        cast_of = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+
+        def source(tensor: str) -> str:  # through the Casts that a float16 model puts before a Q/DQ
+            while tensor in cast_of:
+                tensor = cast_of[tensor]
+            return tensor
+
+        kept = {source(n.input[0]) for n in model.graph.node if n.op_type == "QuantizeLinear"} & call.unit_ranges
+        kept |= {t for t in call.unit_ranges if f"{t}_scale" in names}
         if kept:
             raise RuntimeError(f"qdqkit's patch 8 gave {sorted(kept)[:3]} a unit range for Q/DQ that ModelOpt was to "
                                "remove, but it kept them; quantize with modelopt_compat.patched_modelopt("

@@ -168,7 +168,7 @@ def _residual_model() -> onnx.ModelProto:
 
 def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = False, method: str = "max",
                         direct: bool = False, shrinking: bool = False, read_only: bool = False,
-                        model=_conv_mlp_model, reader=None) -> dict:
+                        model=_conv_mlp_model, reader=None, high: str = "fp32") -> dict:
     """Quantize the test model with the given patches; record what the calibration did. The samples are scaled up
     one after the other (every sample widens the ranges), or down with ``shrinking``; they go to ModelOpt as
     arrays, or through a reader of the class ``reader``."""
@@ -228,7 +228,7 @@ def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = Fa
             data *= (scale[::-1] if shrinking else scale)[:, None, None, None]
             feed = {"calibration_data_reader": reader(data)} if reader else {"calibration_data": {"x": data}}
             quantize(onnx_path=str(d / "m.onnx"), quantize_mode="int8", **feed,
-                     calibration_method=method, calibration_eps=["cpu"], high_precision_dtype="fp32",
+                     calibration_method=method, calibration_eps=["cpu"], high_precision_dtype=high,
                      dq_only=False, output_path=str(d / "q.onnx"), log_level="ERROR",
                      use_external_data_format=external)
             q = onnx.load(str(d / "q.onnx"))
@@ -841,10 +841,11 @@ def test_a_range_read_after_all_is_calibrated_again_or_refused(tmp_path, monkeyp
     assert set(rec["histograms"]) == set(upstream_residual["histograms"])
 
 
-def test_a_unit_range_that_keeps_its_qdq_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("high", ["fp32", "fp16"])
+def test_a_unit_range_that_keeps_its_qdq_is_refused(tmp_path, monkeypatch, high):
     removed = modelopt_compat._removed_afterwards
-    # as if ModelOpt were to remove the Q/DQ of r2, which it keeps
+    # as if ModelOpt were to remove the Q/DQ of r2, which it keeps (in float16, behind a Cast)
     monkeypatch.setattr(modelopt_compat, "_removed_afterwards", lambda *a: removed(*a) | {"r2"})
     with pytest.raises(RuntimeError, match="unit range"):
         _quantize_recording(tmp_path, fold=False, running=False, method="entropy", model=_residual_model,
-                            read_only=True)
+                            read_only=True, high=high)
