@@ -904,11 +904,17 @@ class _UnitRanges:
         return TensorsData(self.method, {t: _unit_range() for t in sorted(self.tensors)})
 
 
+_KEPT_INFERRED_BYTES = 512 * 2**20  # larger models are loaded again rather than held twice in memory
+
+
 @contextlib.contextmanager
 def _shapes_inferred_once() -> Iterator[None]:
     """Inside the block, ModelOpt's loader with shape inference infers each unchanged file's shapes once and hands
-    out copies (ModelOpt loads its input that way twice a quantization, patch 8's dry run twice more)."""
+    out copies (ModelOpt loads its input that way twice a quantization, patch 8's dry run twice more); a model
+    over ``_KEPT_INFERRED_BYTES`` is loaded anew each time instead."""
     import onnx
+
+    from qdqkit.model import proto_size
 
     mod = importlib.import_module(_SHAPES_LOADER[0])
     original = getattr(mod, _SHAPES_LOADER[1])
@@ -918,7 +924,10 @@ def _shapes_inferred_once() -> Iterator[None]:
         st = os.stat(model_path)
         key = (os.path.realpath(model_path), st.st_mtime_ns, st.st_size)
         if key not in done:
-            done[key] = original(model_path)
+            model = original(model_path)
+            if proto_size(model) > _KEPT_INFERRED_BYTES:
+                return model
+            done[key] = model
         copy = onnx.ModelProto()
         copy.CopyFrom(done[key])
         return copy

@@ -849,3 +849,21 @@ def test_a_unit_range_that_keeps_its_qdq_is_refused(tmp_path, monkeypatch, high)
     with pytest.raises(RuntimeError, match="unit range"):
         _quantize_recording(tmp_path, fold=False, running=False, method="entropy", model=_residual_model,
                             read_only=True, high=high)
+
+
+@pytest.mark.parametrize("kept_bytes, loads", [(512 * 2**20, 1), (0, 2)])
+def test_shapes_are_inferred_once_for_a_model_small_enough_to_keep(tmp_path, monkeypatch, kept_bytes, loads):
+    import importlib
+
+    mod_name, attr = modelopt_compat._SHAPES_LOADER
+    mod = importlib.import_module(mod_name)
+    original, calls = getattr(mod, attr), []
+    monkeypatch.setattr(mod, attr, lambda path: calls.append(path) or original(path))
+    monkeypatch.setattr(modelopt_compat, "_KEPT_INFERRED_BYTES", kept_bytes)
+    before = getattr(mod, attr)
+    onnx.save(_two_plugin_model(), tmp_path / "m.onnx")
+    with modelopt_compat._shapes_inferred_once():
+        first, second = (getattr(mod, attr)(tmp_path / "m.onnx") for _ in range(2))
+    assert len(calls) == loads
+    assert first is not second and first == second  # every caller gets its own model to change
+    assert getattr(mod, attr) is before  # restored
