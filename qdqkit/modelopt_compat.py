@@ -983,23 +983,26 @@ def _unit_range() -> Any:
 
 def _dry_run(original: Any, model_input: Any, args: tuple, kwargs: dict) -> tuple[set[str], Any] | None:
     """The tensors whose ranges ModelOpt's quantizer reads when ``original`` (ModelOpt's ``quantize_static``) runs
-    with these arguments, and the model it writes, found by running it with a calibrator that calibrates nothing
-    (every range [-1, 1]); None where that cannot tell (the dry run failed, or the quantizer listed every range)."""
-    import onnx
+    with these arguments, and the model it would write (kept in memory instead), found by running it with a
+    calibrator that calibrates nothing (every range [-1, 1]); None where that cannot tell (the dry run failed, or
+    the quantizer listed every range)."""
     from onnxruntime.quantization import calibrate
+    from onnxruntime.quantization.onnx_model import ONNXModel
 
-    creator = calibrate.create_calibrator
+    written: list[Any] = []
+    creator, save = calibrate.create_calibrator, ONNXModel.save_model_to_file
     calibrate.create_calibrator = _UnitRanges
+    ONNXModel.save_model_to_file = lambda model, *_: written.append(model.model)  # type: ignore[method-assign]
     try:
-        with tempfile.TemporaryDirectory(prefix="qdqkit-dry-") as tmp, _recording_range_reads() as made:
-            original(model_input, str(Path(tmp) / "dry.onnx"), None, *args, **kwargs)
-            if len(made) != 1 or made[0].listed:
-                return None
-            return set(made[0].read), onnx.load(str(Path(tmp) / "dry.onnx"), load_external_data=False)
+        with _recording_range_reads() as made:
+            original(model_input, os.devnull, None, *args, **kwargs)
+        if len(made) != 1 or made[0].listed or len(written) != 1:
+            return None
+        return set(made[0].read), written[0]
     except Exception:
         return None
     finally:
-        calibrate.create_calibrator = creator
+        calibrate.create_calibrator, ONNXModel.save_model_to_file = creator, save
 
 
 def _removed_afterwards(dry_model: Any, no_quantize_inputs: list) -> set[str]:
