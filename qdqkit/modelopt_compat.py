@@ -166,6 +166,20 @@ def tensorrt_available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
+@contextlib.contextmanager
+def _replaced(*swaps: tuple[Any, str, Any]) -> Iterator[None]:
+    """Each ``(owner, attribute, value)`` set for the duration of the block, the previous values put back after it
+    (in reverse order), also when the block raises."""
+    before = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
+    try:
+        for owner, name, value in swaps:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in reversed(before):
+            setattr(owner, name, value)
+
+
 # -- patch 1: merge plugin precisions ---------------------------------------------------------------------------
 
 _PRECISION_FLAG_USERS = ("modelopt.onnx.quantization.quantize", "modelopt.onnx.autocast.graphsanitizer")
@@ -266,11 +280,8 @@ def calibration_sessions_folded() -> Iterator[None]:
             sess_options.enable_cpu_mem_arena = True
         original(self, path_or_bytes, sess_options, *args, **kwargs)
 
-    cls.__init__ = init
-    try:
+    with _replaced((cls, "__init__", init)):
         yield
-    finally:
-        cls.__init__ = original
 
 
 # -- patch 5: "max" calibration gathers its reductions and keeps running minima and maxima ----------------------
@@ -420,14 +431,10 @@ def calibration_ranges_running() -> Iterator[None]:
     if hasattr(collector, "qdqkit_original"):
         yield
         return
-    setattr(mod, _MINMAX_COLLECTOR[1], _running_minmax_collector(collector))
     # ModelOpt installs its own augment_graph only for per-node calibration, whose collector is not this one
-    MinMaxCalibrater.augment_graph = _gathering_augmenter(augmenter)
-    try:
+    with _replaced((mod, _MINMAX_COLLECTOR[1], _running_minmax_collector(collector)),
+                   (MinMaxCalibrater, "augment_graph", _gathering_augmenter(augmenter))):
         yield
-    finally:
-        setattr(mod, _MINMAX_COLLECTOR[1], collector)
-        MinMaxCalibrater.augment_graph = augmenter
 
 
 # -- patch 6: histogram calibration without copies, bins assigned as numpy assigns them ------------------------
@@ -760,13 +767,9 @@ def calibration_histograms_direct() -> Iterator[None]:
     if hasattr(collector, "qdqkit_original"):
         yield
         return
-    setattr(mod, _VALUE_COLLECTOR[1], _direct_value_collector(collector, HistogramCollector.merge_histogram))
-    setattr(mod, _HISTOGRAM_LOOP[1], _releasing_histogram_loop(loop))
-    try:
+    with _replaced((mod, _VALUE_COLLECTOR[1], _direct_value_collector(collector, HistogramCollector.merge_histogram)),
+                   (mod, _HISTOGRAM_LOOP[1], _releasing_histogram_loop(loop))):
         yield
-    finally:
-        setattr(mod, _VALUE_COLLECTOR[1], collector)
-        setattr(mod, _HISTOGRAM_LOOP[1], loop)
 
 
 # -- patch 7: each sample's observed tensors released before the next sample runs -----------------------------
@@ -874,11 +877,8 @@ def _recording_range_reads(unit: frozenset = frozenset()) -> Iterator[list]:
         made.append(_RangeReads(original(quantizer)))
         return made[-1]
 
-    QDQQuantizer.calc_graph_quant_params = calc_graph_quant_params
-    try:
+    with _replaced((QDQQuantizer, "calc_graph_quant_params", calc_graph_quant_params)):
         yield made
-    finally:
-        QDQQuantizer.calc_graph_quant_params = original
 
 
 class _UnitRanges:
@@ -932,11 +932,8 @@ def _shapes_inferred_once() -> Iterator[None]:
         copy.CopyFrom(done[key])
         return copy
 
-    setattr(mod, _SHAPES_LOADER[1], load)
-    try:
+    with _replaced((mod, _SHAPES_LOADER[1], load)):
         yield
-    finally:
-        setattr(mod, _SHAPES_LOADER[1], original)
 
 
 class PatchNotes:
@@ -990,19 +987,16 @@ def _dry_run(original: Any, model_input: Any, args: tuple, kwargs: dict) -> tupl
     from onnxruntime.quantization.onnx_model import ONNXModel
 
     written: list[Any] = []
-    creator, save = calibrate.create_calibrator, ONNXModel.save_model_to_file
-    calibrate.create_calibrator = _UnitRanges
-    ONNXModel.save_model_to_file = lambda model, *_: written.append(model.model)  # type: ignore[method-assign]
     try:
-        with _recording_range_reads() as made:
+        with _replaced((calibrate, "create_calibrator", _UnitRanges),
+                       (ONNXModel, "save_model_to_file", lambda model, *_: written.append(model.model))), \
+                _recording_range_reads() as made:
             original(model_input, os.devnull, None, *args, **kwargs)
-        if len(made) != 1 or made[0].listed or len(written) != 1:
-            return None
-        return set(made[0].read), written[0]
     except Exception:
         return None
-    finally:
-        calibrate.create_calibrator, ONNXModel.save_model_to_file = creator, save
+    if len(made) != 1 or made[0].listed or len(written) != 1:
+        return None
+    return set(made[0].read), written[0]
 
 
 def _removed_afterwards(dry_model: Any, no_quantize_inputs: list) -> set[str]:
@@ -1018,51 +1012,61 @@ def _removed_afterwards(dry_model: Any, no_quantize_inputs: list) -> set[str]:
     return before - {n.inputs[0].name for n in graph.nodes if n.op == "QuantizeLinear"}
 
 
+def _sharing_closed(tensors: set[str], groups: dict) -> set[str]:
+    """``tensors`` with every tensor that shares a range with one of them (ModelOpt's ``group_qdq_tensors``)."""
+    closed = set(tensors)
+    for tensor, group in groups.items():
+        if {tensor, *group} & tensors:
+            closed |= {tensor, *group}
+    return closed
+
+
+@contextlib.contextmanager
+def _calibrator_narrowed(calibrated: set[str]) -> Iterator[tuple[set[str], list]]:
+    """Calibrators made inside the block calibrate only ``calibrated`` of the tensors they choose; yields the set
+    that receives the tensors left out and the list that receives (chosen, kept) counts per calibrator."""
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    left_out: set[str] = set()
+    counts: list[tuple[int, int]] = []
+    choose = CalibraterBase.select_tensors_to_calibrate
+
+    def select_tensors_to_calibrate(calibrator: Any, model: Any) -> tuple:
+        tensors, value_infos = choose(calibrator, model)
+        left_out.update(tensors - calibrated)
+        counts.append((len(tensors), len(tensors & calibrated)))
+        return tensors & calibrated, value_infos
+
+    with _replaced((CalibraterBase, "select_tensors_to_calibrate", select_tensors_to_calibrate)):
+        yield left_out, counts
+
+
 def _calibrating_only(original: Any) -> Any:
     """ModelOpt's ``quantize_static`` calibrating only the tensors whose ranges its quantizer reads and its
     post-processing keeps (patch 8)."""
 
     def quantize_static(model_input: Any, model_output: Any, calibration_data_reader: Any, *args: Any,
                         **kwargs: Any) -> Any:
-        from onnxruntime.quantization.calibrate import CalibraterBase
-
         call = _Int8Call.current
         with _shapes_inferred_once():
             dry = _dry_run(original, model_input, args, kwargs)
             if dry is None:
                 return original(model_input, model_output, calibration_data_reader, *args, **kwargs)
-            needed, dry_model = dry
-            extra = kwargs.get("extra_options") or {}
-            groups = extra.get("group_qdq_tensors") or {}
+            read, dry_model = dry
+            groups = (kwargs.get("extra_options") or {}).get("group_qdq_tensors") or {}
+            needed = _sharing_closed(read, groups)
             unit: set[str] = set()
             if call is not None and call.no_quantize_inputs is not None:
-                unit = _removed_afterwards(dry_model, call.no_quantize_inputs) & needed
-                for tensor, group in groups.items():  # a shared range is calibrated for all or none
-                    if {tensor, *group} & unit and not {tensor, *group} <= unit:
-                        unit -= {tensor, *group}
-            for tensor, group in groups.items():  # tensors that share one range
-                if tensor in needed or needed.intersection(group):
-                    needed.update(group, (tensor,))
-            calibrated = needed - unit
-            left_out: set[str] = set()
-            counts: list[tuple[int, int]] = []
-            choose = CalibraterBase.select_tensors_to_calibrate
-
-            def select_tensors_to_calibrate(calibrator: Any, model: Any) -> tuple:
-                tensors, value_infos = choose(calibrator, model)
-                left_out.update(tensors - calibrated)
-                counts.append((len(tensors), len(tensors & calibrated)))
-                return tensors & calibrated, value_infos
-
-            CalibraterBase.select_tensors_to_calibrate = select_tensors_to_calibrate
+                removed = _removed_afterwards(dry_model, call.no_quantize_inputs) & read
+                # a shared range is calibrated for all of its tensors or none
+                unit = removed - _sharing_closed(needed - removed, groups)
             error: Exception | None = None
             try:
-                with _recording_range_reads(frozenset(unit)) as made:
+                with _calibrator_narrowed(needed - unit) as (left_out, counts), \
+                        _recording_range_reads(frozenset(unit)) as made:
                     result = original(model_input, model_output, calibration_data_reader, *args, **kwargs)
             except Exception as e:  # a missing range may be what broke it: decided below
                 error = e
-            finally:
-                CalibraterBase.select_tensors_to_calibrate = choose
             if all(not r.listed and not r.read & (left_out - unit) for r in made):
                 if error is not None:
                     raise error
@@ -1112,16 +1116,21 @@ def _int8_checked(original: Any, calls: list) -> Any:
                                "read_ranges_only=False) and please report this")
         return model
 
+    quantize_int8.qdqkit_original = original  # type: ignore[attr-defined]
+    return quantize_int8
+
+
+def _placement_noted(original: Any) -> Any:
+    """ModelOpt's default Q/DQ placement (``_find_nodes_to_quantize``), its list of inputs whose Q/DQ go again after
+    quantization kept for the current INT8 call (patch 8)."""
+
     def find_nodes_to_quantize(*args: Any, **kwargs: Any) -> Any:
-        nodes, no_quantize_inputs = find(*args, **kwargs)
+        nodes, no_quantize_inputs = original(*args, **kwargs)
         if _Int8Call.current is not None:
             _Int8Call.current.no_quantize_inputs = list(no_quantize_inputs)
         return nodes, no_quantize_inputs
 
-    find = importlib.import_module(_PLACEMENT[0]).__dict__[_PLACEMENT[1]]
-    quantize_int8.qdqkit_original = original  # type: ignore[attr-defined]
-    quantize_int8.qdqkit_placement = find_nodes_to_quantize  # type: ignore[attr-defined]
-    return quantize_int8
+    return find_nodes_to_quantize
 
 
 _INT8 = ("modelopt.onnx.quantization.quantize", "quantize_int8")
@@ -1139,17 +1148,10 @@ def calibration_of_read_ranges_only() -> Iterator[list]:
         yield calls
         return
     int8_mod, placement_mod = importlib.import_module(_INT8[0]), importlib.import_module(_PLACEMENT[0])
-    int8, find = getattr(int8_mod, _INT8[1]), getattr(placement_mod, _PLACEMENT[1])
-    checked = _int8_checked(int8, calls)
-    setattr(static_mod, _QUANTIZE_STATIC[1], _calibrating_only(original))
-    setattr(int8_mod, _INT8[1], checked)
-    setattr(placement_mod, _PLACEMENT[1], checked.qdqkit_placement)
-    try:
+    with _replaced((static_mod, _QUANTIZE_STATIC[1], _calibrating_only(original)),
+                   (int8_mod, _INT8[1], _int8_checked(getattr(int8_mod, _INT8[1]), calls)),
+                   (placement_mod, _PLACEMENT[1], _placement_noted(getattr(placement_mod, _PLACEMENT[1])))):
         yield calls
-    finally:
-        setattr(static_mod, _QUANTIZE_STATIC[1], original)
-        setattr(int8_mod, _INT8[1], int8)
-        setattr(placement_mod, _PLACEMENT[1], find)
 
 
 @contextlib.contextmanager
