@@ -663,8 +663,9 @@ def _counted_within(old: tuple, pieces: list) -> tuple | None:
     two passes for the extremes. Here the counts are taken first, over that range, with the extremes in the same
     pass; the caller keeps them only where the extremes show that the merge uses that range. Where a value cannot
     be placed (outside the old range, NaN, inf), the pass goes on for the extremes alone, which the caller's merge
-    then uses. A zero extreme is asked of numpy again (its sign is the one numpy's reduction gives, which the fused
-    pass does not reproduce); NaN extremes stand for numpy's (NaN, as a reduction over NaN gives)."""
+    then uses. A zero extreme's sign is not numpy's (which zero a reduction returns depends on its order): the
+    caller asks numpy again where that sign shows, i.e. where the zero becomes the merged extreme. NaN extremes
+    stand for numpy's (NaN, as a reduction over NaN gives)."""
     import numpy as np
 
     old_hist, _, _, _, old_threshold = old
@@ -681,8 +682,7 @@ def _counted_within(old: tuple, pieces: list) -> tuple | None:
         if found is None:
             return None
         placed = placed and found[0]
-        lo, hi = (piece.dtype.type(v) for v in found[1:])
-        extremes.append((np.min(piece) if lo == 0 else lo, np.max(piece) if hi == 0 else hi))
+        extremes.append(tuple(piece.dtype.type(v) for v in found[1:]))
     return extremes, hist if placed else None
 
 
@@ -723,6 +723,11 @@ def _direct_value_collector(original: Any, ort_merge: Any) -> Any:
         threshold = max(abs(min_value), abs(max_value))
         if old is not None:
             old_hist, old_edges, old_min, old_max, old_threshold = old
+            # the fused pass's zero extreme has no numpy sign; it shows only where it replaces the old extreme
+            if counted and min_value == 0 and old_min > 0:
+                min_value = np.min(pieces[0])
+            if counted and max_value == 0 and old_max < 0:
+                max_value = np.max(pieces[0])
             if counted and counted[1] is not None and threshold <= old_threshold:  # the merge into the old range
                 return counted[1] + old_hist, old_edges, min(old_min, min_value), max(old_max, max_value), \
                     old_threshold
