@@ -431,7 +431,7 @@ def ms_deform_attn(value, spatial_shapes, reference_points, sampling_offsets, at
     coop = _coop if _coop is not None else (_vec is None and use_coop(kind, D, L, P, B * Q * M))
     packed = _packed if _packed is not None else (_vec is None and _coop is None and coop
                                                   and P in _PACKED_POINTS[kind])
-    if (packed and kind == "fp16" and vec == 8 and _packed_ok(kind, D, L, P, value, form, B, Q, M)
+    if (packed and vec == 8 and _packed_ok(kind, D, L, P, value, form, B, Q, M)
             and _run_packed(kind, value, spatial_shapes, shapes, ref, off, aw, out, B, S, M, D, Q, L, P, G)):
         return out
     if coop and vec == narrow and _coop_ok(D, L, P, value, form):

@@ -250,7 +250,9 @@ def test_packed_workspace_layout(name, dtype_name, host_shapes):
     E = (H + 1) * (W + 1)
     size = B * M * (E if host_shapes else 2 * H * W + 2) * (128 if dtype_name == "int8" else 256)
     work = torch.full((size,), 0xA5, dtype=torch.uint8, device=dev)  # poisoned: every entry must be written
-    got = cuda.msda_pack(tv, sh, work=work).cpu().numpy()
+    res = cuda.msda_pack(tv, sh, work=work)
+    assert res.data_ptr() == work.data_ptr()  # the caller's buffer, not a fresh one
+    got = res.cpu().numpy()
     grid = np.zeros((B, M, H + 2, W + 2, D), dtype=v.dtype)  # value with a zero ring: grid[.., y + 1, x + 1]
     grid[:, :, 1:H + 1, 1:W + 1] = v.reshape(B, H, W, M, D).transpose(0, 3, 1, 2, 4)
     corners = np.stack([grid[:, :, r:r + H + 1, c:c + W + 1] for r in (0, 1) for c in (0, 1)], 4)  # [B,M,H+1,W+1,4,D]
