@@ -183,6 +183,7 @@ def _bevformer(n2: int) -> tuple:
     from qdqkit.pass_infra import PassContext
     from qdqkit.pipeline import Pipeline, steps_from_names
     from qdqkit.plugins import Session
+    from qdqkit.rules import ExclusionRules
 
     session = Session.start()
     session.custom_ops.register_onnx_schemas()
@@ -193,7 +194,7 @@ def _bevformer(n2: int) -> tuple:
         list(Pipeline(steps, session.passes, hook=session.hook).run(handle, ctx))
     model = handle.proto
     folder = generate(parse_spec(f"bevformer:frames={n2 + 1}"), log=lambda *a: None)
-    exclude = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    exclude = ExclusionRules.from_options(op_types=["MatMul"]).resolve(model).excluded
     return model, session.custom_ops, builtin_source(str(folder), model_inputs(model)), exclude
 
 
