@@ -268,13 +268,15 @@ AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const f
         a.above_f = _mm512_set1_ps(bounded ? above : -INFINITY);
     }
     const __m512i one = _mm512_set1_epi32(1), last = _mm512_set1_epi32((int)(bins - 1));
-    const __m512i zero_k = _mm512_set1_epi32((int)zero_bin);
     int64_t *sub = calloc((size_t)bins * SIMD_LANES, sizeof(int64_t));
     if (!sub)
         return -2;
-    /* the guesses of a run of elements, counted after it in a plain loop (faster than sixteen increments after
-     * every vector: the vector loop and the increments each run without waiting on the other) */
+    /* the bins of a run's nonzero elements, packed, counted after the run in a plain loop (faster than sixteen
+     * increments after every vector: the vector loop and the increments each run without waiting on the other);
+     * zeros are only counted, and added to their bin at the end. A store writes sixteen lanes at `kept`, which
+     * never exceeds the run's elements before the vector, so the last store ends within the array. */
     int32_t idx[SIMD_RUN] __attribute__((aligned(64)));
+    int64_t zero_count = 0;
     /* the extremes so far, and whether a NaN was seen (min and max would lose it) */
     __m512 lo_v = _mm512_set1_ps(INFINITY), hi_v = _mm512_set1_ps(-INFINITY);
     __mmask16 nan_seen = 0;
@@ -282,6 +284,7 @@ AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const f
     Py_ssize_t i = 0;
     for (Py_ssize_t run = 0; run < n && placed; run += SIMD_RUN) {
         const Py_ssize_t run_end = n - run < SIMD_RUN ? n : run + SIMD_RUN;
+        Py_ssize_t kept = 0;
         for (i = run; i < run_end; i += 16) {
             Py_ssize_t m = run_end - i < 16 ? run_end - i : 16;
             __mmask16 mask = m == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << m) - 1), bad, near;
@@ -301,7 +304,7 @@ AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const f
                     placed = 0;
                     break;
                 }
-                k = _mm512_mask_mov_epi32(k, zeros, zero_k);
+                zero_count += __builtin_popcount(zeros);
                 near &= (__mmask16)~zeros;
             }
             if (near) { /* numpy's corrections, for the lanes that may need one */
@@ -317,11 +320,14 @@ AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const f
                     break;
                 }
             }
-            _mm512_store_si512((void *)(idx + (i - run)), k);
+            /* compressed in a register and stored whole: a compressing store to memory is slow on some cores */
+            const __mmask16 nonzero = (__mmask16)(mask & ~zeros);
+            _mm512_storeu_si512((void *)(idx + kept), _mm512_maskz_compress_epi32(nonzero, k));
+            kept += __builtin_popcount(nonzero);
         }
         if (!placed)
             break;
-        const Py_ssize_t count = run_end - run;
+        const Py_ssize_t count = kept;
         Py_ssize_t j = 0;
         for (; j + SIMD_LANES <= count; j += SIMD_LANES)
             for (int l = 0; l < SIMD_LANES; l++)
@@ -329,6 +335,8 @@ AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const f
         for (; j < count; j++)
             sub[idx[j]]++;
     }
+    if (placed && zero_count)
+        hist[zero_bin] += zero_count;
     if (placed)
         for (int l = 0; l < SIMD_LANES; l++)
             for (Py_ssize_t b = 0; b < bins; b++)
