@@ -7,6 +7,7 @@ from qdqkit.pipeline import Recipe, Step
 
 from .check import CheckPass
 from .detect_custom_ops import DetectCustomOpsPass
+from .fp16 import Fp16Pass
 from .infer_shapes import InferShapesPass
 from .simplify import SimplifyPass
 from .trt_plugin_domain import TrtPluginDomainPass
@@ -17,7 +18,7 @@ from .validate import ValidatePass
 @hookimpl
 def qdqkit_register_passes(registry):
     for pass_cls in (DetectCustomOpsPass, TrtPluginDomainPass, InferShapesPass, SimplifyPass, CheckPass,
-                     QdqPass, ValidatePass):
+                     QdqPass, Fp16Pass, ValidatePass):
         registry.add(pass_cls)
 
 

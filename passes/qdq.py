@@ -10,18 +10,23 @@ import onnx
 
 from qdqkit.calib import SampleReader, model_inputs, require, resolve_source
 from qdqkit.coverage import COMPUTE_OPS, qdq_summary
-from qdqkit.customops import TRT_PLUGIN_DOMAIN
 from qdqkit.errors import UserError
 from qdqkit.pass_infra import Pass, PassContext, PassResult
+from qdqkit.precision import (
+    as_trt_would_see_it,
+    check_plugin_precision,
+    check_runnable,
+    name_nodes,
+    restore_domains,
+)
 from qdqkit.quant_backends import QuantJob, plugin_precision_plan
-from qdqkit.rules import ExclusionRules
+from qdqkit.rules import ExclusionRules, RuleOptions
 
 STATE_KEY = "qdq"
-_ONNX_PRECISION = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.INT8: "int8"}
 
 
 @dataclass
-class QdqOptions:
+class QdqOptions(RuleOptions):
     """Options of the ``qdq`` pass (CLI flags and TOML keys of the same names map onto these).
 
     ``exclude_nodes`` are regexes matched against the FULL node name; ``exclude_nodes_glob`` shell globs;
@@ -29,12 +34,6 @@ class QdqOptions:
     allowed to match nothing. ``plugin_precision`` maps a custom op type to "fp16" or "name=prec,...,*=prec".
     """
 
-    exclude_op_types: list[str] = field(default_factory=list)
-    exclude_nodes: list[str] = field(default_factory=list)
-    exclude_nodes_glob: list[str] = field(default_factory=list)
-    exclude_between: list[list[str]] = field(default_factory=list)
-    exclude_patterns: list[str] = field(default_factory=list)
-    optional_rules: list[str] = field(default_factory=list)
     calibration_method: str = "max"
     calib_samples: int = 16
     high_precision: str = "fp32"
@@ -62,7 +61,7 @@ class QdqPass(Pass):
     name = "qdq"
     summary = "INT8 Q/DQ insertion (ModelOpt by default) calibrated on the CPU through the custom-op kernels"
     requires = frozenset()
-    provides = frozenset({"quantized"})
+    provides = frozenset({"quantized", "reduced-precision"})
     Options = QdqOptions
 
     def run(self, model: Any, ctx: PassContext) -> PassResult:
@@ -77,13 +76,10 @@ class QdqPass(Pass):
 
         proto = onnx.ModelProto()
         proto.CopyFrom(model.proto)
-        renamed = _name_nodes(proto)
-        _check_runnable(proto, registry)
+        renamed = name_nodes(proto)
+        check_runnable(proto, registry)
 
-        rules = ExclusionRules.from_options(
-            op_types=o.exclude_op_types, nodes=o.exclude_nodes, nodes_glob=o.exclude_nodes_glob,
-            between=o.exclude_between, patterns=o.exclude_patterns, optional=o.optional_rules,
-        )
+        rules = ExclusionRules.from_rule_options(o)
         resolution = rules.resolve(proto, ctx.registries.get("rules"))
 
         inputs = model_inputs(proto)
@@ -91,7 +87,7 @@ class QdqPass(Pass):
         require(source, 0, o.calib_samples, "calibration")
         flags, plan = plugin_precision_plan(proto, registry, o.high_precision, o.plugin_precision)
 
-        work, domains = _as_trt_would_see_it(proto, registry)
+        work, domains = as_trt_would_see_it(proto, registry)
         job = QuantJob(
             reader=SampleReader(source, 0, o.calib_samples), custom_ops=registry,
             nodes_to_exclude=resolution.excluded, calibration_method=o.calibration_method,
@@ -102,9 +98,7 @@ class QdqPass(Pass):
         quant = backend.quantize(work, job)
         seconds = time.perf_counter() - t0
 
-        for node in quant.graph.node:
-            if node.name in domains:
-                node.domain = domains[node.name]
+        restore_domains(quant, domains)
         registry.strip_functions(quant)
         _retype_int8_plugin_outputs(quant, registry)
         plugin_check = check_plugin_precision(quant, registry, plan)
@@ -151,65 +145,6 @@ def _check_options(o: QdqOptions) -> None:
         raise UserError(f"calib_samples must be a positive integer, got {o.calib_samples!r}")
 
 
-def _name_nodes(model: onnx.ModelProto) -> int:
-    taken = {n.name for n in model.graph.node if n.name}
-    count = 0
-    for i, n in enumerate(model.graph.node):
-        if not n.name:
-            name = f"{n.op_type}_{i}"
-            while name in taken:
-                name += "_"
-            n.name = name
-            taken.add(name)
-            count += 1
-    return count
-
-
-def _check_runnable(model: onnx.ModelProto, registry: Any) -> None:
-    """Calibration runs the model: every custom op needs a CPU implementation, every op a schema or a spec."""
-    no_kernel = sorted({n.op_type for n, s in registry.custom_nodes(model)
-                        if s.function is None and s.python_kernel is None})
-    if no_kernel:
-        raise UserError(
-            f"custom op(s) {', '.join(no_kernel)} have no CPU implementation, and calibration runs the model in "
-            "onnxruntime: give their CustomOpSpec a `function` or a `python_kernel`"
-        )
-    unknown = sorted({n.op_type for n in model.graph.node
-                      if not onnx.defs.has(n.op_type, n.domain if n.domain != "ai.onnx" else "")
-                      and registry.lookup(n.domain, n.op_type) is None
-                      and n.domain not in ("com.microsoft",)})
-    if unknown:
-        raise UserError(
-            f"op(s) {', '.join(unknown)} are neither standard ONNX nor a registered custom op, and calibration must "
-            "run them: install the plugin that describes them (see `qdqkit ops`)"
-        )
-
-
-def _as_trt_would_see_it(model: onnx.ModelProto, registry: Any) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """Custom ops moved to ``trt.plugins`` with their outputs typed and shaped; returns the original domains."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    domains: dict[str, str] = {}
-    for node, _ in list(registry.custom_nodes(work)):
-        if node.domain != TRT_PLUGIN_DOMAIN:
-            domains[node.name] = node.domain
-            node.domain = TRT_PLUGIN_DOMAIN
-    if domains and not any(o.domain == TRT_PLUGIN_DOMAIN for o in work.opset_import):
-        work.opset_import.append(onnx.helper.make_opsetid(TRT_PLUGIN_DOMAIN, 1))
-    try:
-        work = onnx.shape_inference.infer_shapes(work)
-    except Exception as exc:
-        raise UserError(f"shape inference failed before quantization: {str(exc).splitlines()[0]}") from None
-    typed = {vi.name for vi in work.graph.value_info} | {vi.name for vi in work.graph.output}
-    untyped = [t for n, _ in registry.custom_nodes(work) for t in n.output if t and t not in typed]
-    if untyped:
-        raise UserError(
-            f"the outputs {', '.join(untyped)} of custom ops get no type from their specs' shape functions; the "
-            "back end would silently leave everything downstream unquantized. Fix the spec's `infer`"
-        )
-    return work, domains
-
-
 def _retype_int8_plugin_outputs(model: onnx.ModelProto, registry: Any) -> None:
     """A plugin output read only by DequantizeLinear is INT8 (the plugin quantizes it): say so in value_info.
 
@@ -228,41 +163,6 @@ def _retype_int8_plugin_outputs(model: onnx.ModelProto, registry: Any) -> None:
             typed.add(vi.name)
     for t in sorted(int8 - typed):
         model.graph.value_info.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.INT8, None))
-
-
-def _types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    g = inferred.graph
-    out = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
-    out.update({t.name: t.data_type for t in g.initializer})
-    return out
-
-
-def check_plugin_precision(model: onnx.ModelProto, registry: Any, plan: dict[str, dict[str, str]]) -> dict:
-    """For every custom node, the precision each float input actually gets, against the plan.
-
-    An input planned int8 must be fed by a QuantizeLinear; fp16/fp32 must arrive as that ONNX type. Raises a
-    RuntimeError listing the mismatches (the back end did not do what it was told).
-    """
-    types = _types(model)
-    producer = {t: n for n in model.graph.node for t in n.output}
-    found: dict[str, dict[str, str]] = {}
-    wrong: list[str] = []
-    for node, spec in registry.custom_nodes(model):
-        want = plan.get(node.op_type, {})
-        got: dict[str, str] = {}
-        for io, t in zip(spec.inputs, node.input):
-            if io.name not in want or want[io.name] not in ("fp32", "fp16", "int8"):
-                continue
-            p = producer.get(t)
-            actual = "int8" if p is not None and p.op_type == "QuantizeLinear" else _ONNX_PRECISION.get(types.get(t), "?")
-            got[io.name] = actual
-            if actual != want[io.name]:
-                wrong.append(f"{node.name}.{io.name}: planned {want[io.name]}, got {actual}")
-        found[node.name] = got
-    if wrong:
-        raise RuntimeError("plugin precision not applied: " + "; ".join(wrong))
-    return found
 
 
 def check_downstream_of_custom_ops(model: onnx.ModelProto, registry: Any, excluded: set[str]) -> dict:

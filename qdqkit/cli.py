@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shape-fallback", choices=("error", "run", "guess"),
                      help="infer-shapes through custom ops without a spec: run the model, or guess (flagged)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress lines or summary table")
-    q = ap.add_argument_group("quantization (options of the qdq and validate steps)")
+    q = ap.add_argument_group("quantization and FP16 typing (options of the qdq, fp16 and validate steps; the "
+                              "rules, --calib-samples and --plugin-precision go to qdq and fp16 alike)")
     q.add_argument("--calib", metavar="SPEC", help="calibration data: .npz, folder of .npy, or a plugin's form")
     q.add_argument("--calib-samples", type=int, metavar="N")
     q.add_argument("--exclude-op-types", nargs="+", metavar="T")
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--high-precision", choices=("fp32", "fp16"))
     q.add_argument("--plugin-precision", nargs="+", metavar="OP:SPEC")
     q.add_argument("--backend", metavar="NAME")
+    q.add_argument("--data-max", type=float, metavar="X", help="fp16: nodes with a value beyond X on the "
+                   "calibration samples stay FP32 (default 512)")
+    q.add_argument("--fp16-io", action="store_true", default=None, help="fp16: inputs and outputs FP16 too "
+                   "(default: they stay FP32)")
     q.add_argument("--val-samples", type=int, metavar="N")
     q.add_argument("--min-cosine", type=float, metavar="X")
 
@@ -145,22 +150,32 @@ def _session(args: argparse.Namespace) -> Any:
 # -- apply ---------------------------------------------------------------------------------------------------
 
 
-def _cli_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    qdq = {
+def _cli_options(args: argparse.Namespace, present: set[str]) -> dict[str, dict[str, Any]]:
+    """The options the flags set, per step. The rules, --calib-samples and --plugin-precision go to the qdq and
+    the fp16 step, whichever the pipeline has (to qdq where it has neither, for the error message)."""
+    shared = {
         "exclude_op_types": args.exclude_op_types, "exclude_nodes": args.exclude_nodes,
         "exclude_nodes_glob": args.exclude_nodes_glob, "exclude_patterns": args.exclude_patterns,
         "exclude_between": args.exclude_between, "optional_rules": args.optional_rules,
-        "calibration_method": args.calibration_method, "calib_samples": args.calib_samples, "high_precision": args.high_precision,
-        "plugin_precision": _plugin_precision(args.plugin_precision), "backend": args.backend,
+        "plugin_precision": _plugin_precision(args.plugin_precision),
     }
+    qdq = {"calibration_method": args.calibration_method, "high_precision": args.high_precision,
+           "backend": args.backend}
+    fp16 = {"data_max": args.data_max, "keep_io_types": None if args.fp16_io is None else not args.fp16_io}
+    takers = [name for name in ("qdq", "fp16") if name in present] or ["qdq"]
+    for name, opts, samples in (("qdq", qdq, "calib_samples"), ("fp16", fp16, "samples")):
+        if name in takers:
+            opts.update(shared)
+            opts[samples] = args.calib_samples
     validate = {"samples": args.val_samples, "min_cosine": args.min_cosine}
     shapes = {"fallback": args.shape_fallback}
     return {name: {k: v for k, v in opts.items() if v is not None}
-            for name, opts in (("qdq", qdq), ("validate", validate), ("infer-shapes", shapes))}
+            for name, opts in (("qdq", qdq), ("fp16", fp16), ("validate", validate), ("infer-shapes", shapes))}
 
 
 _FLAG_OF = {"samples": "--val-samples", "fallback": "--shape-fallback", "exclude_patterns": "--exclude-pattern",
-            "optional_rules": "--optional-rule"}
+            "optional_rules": "--optional-rule", "keep_io_types": "--fp16-io"}
+_FP16_FLAG_OF = {"samples": "--calib-samples"}  # the fp16 pass's `samples` (validate's is --val-samples)
 
 
 def _plugin_precision(values: list[str] | None) -> dict[str, str] | None:
@@ -208,11 +223,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     session = _session(args)
     steps, origin = _steps(args, session)
-    cli_options = _cli_options(args)
     present = {s.pass_name for s in steps}
+    cli_options = _cli_options(args, present)
     for pass_name, opts in cli_options.items():
         if opts and pass_name not in present:
-            flags = ", ".join(_FLAG_OF.get(k, "--" + k.replace("_", "-")) for k in opts)
+            names = {**_FLAG_OF, **_FP16_FLAG_OF} if pass_name == "fp16" else _FLAG_OF
+            flags = ", ".join(names.get(k, "--" + k.replace("_", "-")) for k in opts)
             hint = " (the default recipe runs qdq and validate only with --calib)" if pass_name in ("qdq", "validate") \
                 else ""
             raise UserError(f"{flags} set options of the '{pass_name}' step, which this pipeline ({origin}) does not "

@@ -106,7 +106,7 @@ class ModelOptBackend:
             external = proto_size(model) > _EXTERNAL_DATA_BYTES
             save_model(model, src, external_data=external, durable=False)  # ModelOpt's private copy
             job.custom_ops.register_onnx_schemas()
-            with job.custom_ops.installed_in_onnxruntime(), _quiet("modelopt"), _Muted("modelopt.onnx", _EXPECTED):
+            with job.custom_ops.installed_in_onnxruntime(), quiet_logger("modelopt"), _Muted("modelopt.onnx", _EXPECTED):
                 quantize(
                     onnx_path=str(src),
                     quantize_mode="int8",
@@ -152,7 +152,7 @@ class OrtBackend:
             onnx.save(onnx.shape_inference.infer_shapes(model), str(src))
             custom = {n.op_type for n, _ in job.custom_ops.custom_nodes(model)}
             op_types = sorted({n.op_type for n in model.graph.node} - custom)
-            with job.custom_ops.installed_in_onnxruntime(), _quiet("onnxruntime"):
+            with job.custom_ops.installed_in_onnxruntime(), quiet_logger("onnxruntime"):
                 quantize_static(
                     str(src), str(out), job.reader,
                     quant_format=QuantFormat.QDQ,
@@ -192,7 +192,7 @@ class _Muted(logging.Filter):
         self.logger.removeFilter(self)
 
 
-class _quiet:
+class quiet_logger:
     """Lower a library's logger to WARNING for the block (ModelOpt logs every step at INFO)."""
 
     def __init__(self, name: str) -> None:

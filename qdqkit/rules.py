@@ -1,4 +1,4 @@
-"""Exclusion rules: which nodes the ``qdq`` pass leaves in high precision, and why.
+"""Exclusion rules: which nodes the ``qdq`` pass leaves in high precision (the ``fp16`` pass: in FP32), and why.
 
 Rule kinds (the label each gets in the report is ``kind:value``):
   1. ``op-type:MatMul``: every node of that op type (exact spelling; a near miss is suggested).
@@ -113,11 +113,32 @@ class Resolution:
         return {"excluded_nodes": len(self.excluded), "by_rule": self.by_rule}
 
 
+@dataclass
+class RuleOptions:
+    """The rule options the ``qdq`` and ``fp16`` passes share (their ``Options`` extend this). ``exclude_nodes``
+    are regexes matched against the FULL node name; ``exclude_nodes_glob`` shell globs; ``exclude_between``
+    pairs of tensor names; ``optional_rules`` labels (``pattern:mha``) or values of rules allowed to match
+    nothing."""
+
+    exclude_op_types: list[str] = field(default_factory=list)
+    exclude_nodes: list[str] = field(default_factory=list)
+    exclude_nodes_glob: list[str] = field(default_factory=list)
+    exclude_between: list[list[str]] = field(default_factory=list)
+    exclude_patterns: list[str] = field(default_factory=list)
+    optional_rules: list[str] = field(default_factory=list)
+
+
 class ExclusionRules:
     """An ordered set of rules; ``resolve`` turns them into node names for one model."""
 
     def __init__(self, rules: Iterable[Rule] = ()) -> None:
         self.rules = list(rules)
+
+    @classmethod
+    def from_rule_options(cls, o: RuleOptions) -> ExclusionRules:
+        """Build rules from a pass's ``RuleOptions``."""
+        return cls.from_options(op_types=o.exclude_op_types, nodes=o.exclude_nodes, nodes_glob=o.exclude_nodes_glob,
+                                between=o.exclude_between, patterns=o.exclude_patterns, optional=o.optional_rules)
 
     @classmethod
     def from_options(

@@ -158,6 +158,13 @@ def summarise(recipe: str, rep: dict | None, rc: int, last_layer: dict | None = 
         comp = summary.get("compute", {})
         lines.append(f"INT8 coverage:    {100 * summary.get('int8_coverage', 0):.1f}% of Conv/MatMul/Gemm FLOPs ("
                      + ", ".join(f"{k} {v.get('int8')}/{v.get('nodes')}" for k, v in sorted(comp.items())) + ")")
+    fp16 = _stats(rep, "fp16")
+    if fp16:
+        kept = {k: len(v) for k, v in fp16.get("fp32_nodes", {}).items() if v}
+        lines.append(f"FP16 typing:      {fp16.get('tensors_by_precision')} computed tensors by precision; FP32 nodes "
+                     + (", ".join(f"{n} by {k}" for k, n in kept.items()) or "none")
+                     + f" (ranges of {fp16.get('ranges', {}).get('tensors')} tensors on "
+                     f"{fp16.get('ranges', {}).get('samples')} frames, data_max {fp16.get('ranges', {}).get('data_max')})")
     val = rep.get("validation") or _stats(rep, "validate")
     if val and val.get("outputs"):
         lines.append(f"fidelity vs FP32 on held-out frames [{val['samples']['start']}, "
@@ -200,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="export, data, quantize, validate and report, end to end")
     _add_model_args(d)
-    d.add_argument("--recipe", default="bevformer-int8", choices=("bevformer-int8", "bevformer-int8-mha", "both"),
-                   help="recipe to run (default bevformer-int8, the original; both: compare the two)")
+    d.add_argument("--recipe", default="bevformer-int8",
+                   choices=("bevformer-int8", "bevformer-int8-mha", "bevformer-fp16", "both"),
+                   help="recipe to run (default bevformer-int8, the original; both: compare the two INT8 recipes; "
+                   "bevformer-fp16: FP16 typing without INT8)")
     d.add_argument("--calib-samples", type=int, default=8, help="calibration frames (default 8)")
     d.add_argument("--val-samples", type=int, default=4, help="held-out validation frames (default 4)")
     d.add_argument("--data-seed", type=int, default=0)

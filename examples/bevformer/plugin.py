@@ -1,4 +1,4 @@
-"""qdqkit plugin of the BEVFormer example: two recipes, the ``bevformer:`` calibration source, four patterns.
+"""qdqkit plugin of the BEVFormer example: three recipes, the ``bevformer:`` calibration source, four patterns.
 
 Recipes:
   1. ``bevformer-int8``: the original DL4AGX flow: detect-custom-ops, trt-plugin-domain, infer-shapes, qdq with
@@ -9,6 +9,9 @@ Recipes:
      softmax, .V; pattern ``mha``), the camera projection (``bevformer-geometry``), the CNN residual sums
      (``residual-add``: their Convs stay INT8) and the decoder and head (node regexes), where INT8 measurably hurt
      the box outputs. More INT8 FLOPs than recipe 1 at equal or better fidelity (figures in the README).
+  3. ``bevformer-fp16``: no INT8; the model typed FP16 for a strongly typed TensorRT build (the original recipe's
+     FP16 engine, which TensorRT 11 no longer builds from an FP32 model with a flag), nodes whose values exceed
+     FP16's safe range on the calibration frames kept FP32, validated like the others.
 
 Patterns registered: ``bevformer-geometry`` (MatMul/Gemm fed by the ``lidar2img`` input through layout ops: the
 projection of 3-D points into pixels, where an INT8 step moves sampling points and flips visibility masks),
@@ -145,6 +148,13 @@ DECODER_AND_HEAD = ["/pts_bbox_head/transformer/decoder/.*", r"/pts_bbox_head/(c
 
 RECIPES = (
     Recipe(
+        "bevformer-fp16",
+        "BEVFormer FP16 for a strongly typed TensorRT build: AutoCast with value ranges measured on the frames, "
+        "no INT8",
+        [Step("detect-custom-ops"), Step("trt-plugin-domain"), Step("infer-shapes"), Step("fp16"),
+         Step("validate", {"min_cosine": 0.99})],
+    ),
+    Recipe(
         "bevformer-int8",
         "BEVFormer INT8 as the DL4AGX recipe does it: every MatMul excluded (--op_types_to_exclude MatMul), "
         "entropy calibration",
@@ -168,7 +178,7 @@ RECIPES = (
 
 @hookimpl
 def qdqkit_register_recipes(registry):
-    """The two BEVFormer recipes."""
+    """The three BEVFormer recipes."""
     for recipe in RECIPES:
         registry.add(recipe)
 

@@ -104,3 +104,25 @@ def test_structural_recipe_has_more_int8_and_no_less_fidelity(results, exported,
              (("orig", m_orig), ("mha", m_mha))}
     for r in worst.values():
         assert min(r.values()) >= 0.99, worst
+
+
+def test_fp16_recipe_keeps_the_camera_projection_fp32_and_validates(exported, tmp_path):
+    """bevformer-fp16: the whole model FP16 except the nodes whose values FP16 cannot hold on these frames, which
+    on BEVFormer-tiny are the camera projection's (pixel coordinates in the hundreds to thousands)."""
+    from qdqkit.cli import main
+
+    model, report = tmp_path / "fp16.onnx", tmp_path / "fp16.json"
+    rc = main(["apply", str(exported.onnx_path), "-o", str(model), "--recipe", "bevformer-fp16", "--calib", SPEC,
+               "--calib-samples", str(CALIB), "--val-samples", str(VAL), "--report", str(report), "-q"])
+    rep = json.loads(report.read_text())
+    assert rc == 0, rep.get("failed")
+    stats = _pass_stats(rep, "fp16")
+    kept = stats["fp32_nodes"]["range"]
+    assert kept and all(n.startswith("/pts_bbox_head/transformer/encoder/") for n in kept), kept
+    assert stats["fp32_nodes"]["rule"] == stats["fp32_nodes"]["plugin"] == []
+    assert stats["tensors_by_precision"]["fp16"] > 50 * stats["tensors_by_precision"]["fp32"]
+    assert set(stats["plugin_check"]) and all(set(c.values()) <= {"fp16", "fp32"} for c in stats["plugin_check"].values())
+    val = _pass_stats(rep, "validate")
+    assert val["passed"] and min(o["cosine_min"] for o in val["outputs"]) >= 0.99
+    m = onnx.load(str(model), load_external_data=False)
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)

@@ -37,15 +37,6 @@ def files(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def session():
-    from qdqkit.plugins import Session
-
-    s = Session.start()
-    s.custom_ops.register_onnx_schemas()
-    return s
-
-
 def _apply(files, name, *extra, calib="calib.npz"):
     out, rep = files / f"{name}.onnx", files / f"{name}.json"
     rc = main(["apply", str(files / "model.onnx"), "-o", str(out), "--calib", str(files / calib),

@@ -1,0 +1,267 @@
+"""The ``fp16`` pass: a float model typed FP16 for a strongly typed TensorRT build, by ModelOpt's AutoCast, with
+the nodes that FP16 would hurt kept in FP32 (by rule, by measured range, by initializer range, by plugin format)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from qdqkit.calib import model_inputs, require, resolve_source
+from qdqkit.errors import UserError
+from qdqkit.pass_infra import Pass, PassContext, PassResult
+from qdqkit.precision import (
+    ONNX_PRECISION,
+    as_trt_would_see_it,
+    check_plugin_precision,
+    check_runnable,
+    float_tensors,
+    name_nodes,
+    restore_domains,
+    tensor_ranges,
+    tensor_types,
+)
+from qdqkit.quant_backends import plugin_precision_plan, quiet_logger
+from qdqkit.rules import ExclusionRules, RuleOptions
+
+STATE_KEY = "fp16"
+_FP16_MAX = float(np.finfo(np.float16).max)
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+_EXTERNAL_DATA_BYTES = 1_800_000_000
+_MIN_OPSET = 17
+
+
+@dataclass
+class Fp16Options(RuleOptions):
+    """Options of the ``fp16`` pass (CLI flags and TOML keys of the same names map onto these).
+
+    The exclusion rules (``exclude_*``, ``optional_rules``) name nodes kept in FP32, as for ``qdq``. With
+    calibration data, ``samples`` samples are run first and every node with an input or output whose magnitude
+    exceeds ``data_max`` stays FP32; without it no activation is checked (the report says so). A node with an
+    initializer beyond ``init_max`` stays FP32. ``keep_io_types`` keeps the model's inputs and outputs float32.
+    ``plugin_precision`` maps a custom op type to "fp16" or "fp32" (every float input and output).
+    """
+
+    samples: int = 16
+    data_max: float = 512.0
+    init_max: float = _FP16_MAX
+    keep_io_types: bool = True
+    plugin_precision: dict[str, str] = field(default_factory=dict)
+
+
+class Fp16Pass(Pass):
+    """Type everything FP16 except what must stay FP32, as TensorRT 11's strongly typed builds need it.
+
+    1. The model must be float (a model with Q/DQ goes through ``qdq --high-precision fp16`` instead).
+    2. Nodes kept in FP32, each with its reason: matched by an exclusion rule; an input or output beyond
+       ``data_max`` on the calibration samples (measured in onnxruntime through the custom-op kernels, two
+       numbers a tensor a sample); an initializer beyond ``init_max``; a custom op whose planned precision is
+       fp32 (its TensorRT formats, its CPU kernel, or ``plugin_precision``).
+    3. ModelOpt's AutoCast converts a private copy in which custom ops sit in ``trt.plugins`` with typed, shaped
+       outputs, and inserts the Casts between the two precisions; domains are restored afterwards.
+    4. Every custom node is checked for the precision planned for it; the report lists the FP32 nodes by reason.
+    Samples ``[0, samples)`` measure ranges; ``validate`` takes the ones after them.
+    """
+
+    name = "fp16"
+    summary = "type the model FP16 for strongly typed TensorRT (ModelOpt AutoCast); out-of-range nodes stay FP32"
+    requires = frozenset()
+    provides = frozenset({"reduced-precision"})
+    Options = Fp16Options
+
+    def run(self, model: Any, ctx: PassContext) -> PassResult:
+        o = self.options
+        _check_options(o)
+        registry = ctx.custom_ops
+        registry.register_onnx_schemas()
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model.proto)
+        qdq = sorted({n.op_type for n in proto.graph.node if n.op_type in _QDQ})
+        if qdq:
+            raise UserError("the fp16 pass types a float model, and this one has Q/DQ nodes: for INT8 with FP16 "
+                            "elsewhere use `qdq --high-precision fp16` instead")
+        renamed = name_nodes(proto)
+        # AutoCast types every op from its schema: an op qdqkit knows nothing about cannot be planned
+        check_runnable(proto, registry, purpose="FP16 typing needs its types and TensorRT formats", kernels=False)
+
+        rules = ExclusionRules.from_rule_options(o)
+        resolution = rules.resolve(proto, ctx.registries.get("rules"))
+        flags, plan = plugin_precision_plan(proto, registry, "fp16", _whole_op_overrides(o.plugin_precision))
+        work, domains = as_trt_would_see_it(proto, registry, before="FP16 typing")
+
+        ranges: dict[str, tuple[float, float]] = {}
+        source = None
+        t0 = time.perf_counter()
+        if ctx.calib_spec:
+            check_runnable(proto, registry, purpose="measuring value ranges runs the model")
+            source = resolve_source(ctx.calib_spec, model_inputs(proto), ctx.hook)
+            require(source, 0, o.samples, "range measurement")
+            ctx.say(f"fp16: measuring value ranges on {o.samples} samples of {source.describe()}")
+            ranges = tensor_ranges(proto, registry, source, 0, o.samples, float_tensors(work))
+        range_seconds = time.perf_counter() - t0
+
+        beyond = {t for t, (lo, hi) in ranges.items() if _beyond(lo, hi, o.data_max)}
+        keep, reasons = _fp32_nodes(work, set(resolution.excluded), beyond, o.init_max, plan, registry)
+        kept_plan = _kept_custom_nodes(work, keep, reasons, registry)
+        t0 = time.perf_counter()
+        converted = _autocast(work, keep - set(reasons["initializer"]), beyond, o.init_max, o.keep_io_types, ctx)
+        convert_seconds = time.perf_counter() - t0
+        restore_domains(converted, domains)
+        registry.strip_functions(converted)
+        plugin_check = check_plugin_precision(converted, registry, plan, kept_plan)
+
+        ctx.state[STATE_KEY] = {"float_model": proto, "source": source, "calib_samples": o.samples if source else 0}
+        model.set_proto(converted)
+        types = tensor_types(converted)
+        computed = [t for n in converted.graph.node if n.op_type != "Cast" for t in n.output if t]
+        fp32_out = sorted(n.name for n in converted.graph.node if n.op_type != "Cast"
+                          and any(types.get(t) == onnx.TensorProto.FLOAT for t in n.output))
+        present = {n.name for n in converted.graph.node}
+        stats = {
+            "ranges": {"source": source.describe() if source else None, "samples": o.samples if source else 0,
+                       "tensors": len(ranges), "data_max": o.data_max, "seconds": round(range_seconds, 3),
+                       "beyond_data_max": sorted(beyond)},
+            "rules": resolution.to_dict(),
+            "fp32_nodes": {reason: sorted(names) for reason, names in reasons.items()},
+            "fp32_node_count": len(keep),
+            # what the output holds: nodes computing float32 (Casts aside), and kept nodes AutoCast's clean-up
+            # replaced (a decomposed LayerNorm fused into one node is judged by its own inputs and outputs)
+            "fp32_in_output": fp32_out,
+            "replaced_by_autocast": sorted(keep - present),
+            "nodes": len(converted.graph.node),
+            "casts": sum(n.op_type == "Cast" for n in converted.graph.node) -
+            sum(n.op_type == "Cast" for n in proto.graph.node),
+            "tensors_by_precision": _count(ONNX_PRECISION.get(types.get(t), "other") for t in computed),
+            "plugin_precision": plan,
+            "plugin_precision_flags": flags,
+            "plugin_check": plugin_check,
+            "keep_io_types": o.keep_io_types,
+            "named_nodes": renamed,
+            "seconds": {"ranges": round(range_seconds, 3), "autocast": round(convert_seconds, 3)},
+            "notes": [] if source else [("no calibration data: activations were not checked against data_max; "
+                                         "give --calib to keep nodes with large values in FP32")],
+        }
+        return PassResult(modified=True, stats=stats)
+
+
+def _check_options(o: Fp16Options) -> None:
+    if not isinstance(o.samples, int) or o.samples < 1:
+        raise UserError(f"fp16: samples must be a positive integer, got {o.samples!r}")
+    for key in ("data_max", "init_max"):
+        value = getattr(o, key)
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise UserError(f"fp16: {key} must be a positive number, got {value!r}")
+
+
+def _whole_op_overrides(overrides: dict[str, str]) -> dict[str, str]:
+    """The fp16 pass sets a custom op's precision as a whole: "fp16" or "fp32" (per-input plans are qdq's)."""
+    for op, value in overrides.items():
+        if value not in ("fp16", "fp32"):
+            raise UserError(f"fp16: plugin precision of {op} must be 'fp16' or 'fp32' (the whole op), got '{value}'")
+    return {op: value if value == "fp16" else "*=fp32" for op, value in overrides.items()}
+
+
+def _count(values: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _beyond(lo: float, hi: float, data_max: float) -> bool:
+    """A measured range FP16 must not hold: a magnitude past ``data_max``, or a NaN (an empty tensor's range,
+    (inf, -inf), holds nothing)."""
+    return bool(np.isnan(lo) or np.isnan(hi) or (lo <= hi and max(abs(lo), abs(hi)) > data_max))
+
+
+def _fp32_nodes(model: onnx.ModelProto, excluded: set[str], beyond: set[str], init_max: float,
+                plan: dict[str, dict[str, str]], registry: Any) -> tuple[set[str], dict[str, list[str]]]:
+    """The nodes to keep in FP32, and the reasons (the first that applies, in the order of the class docstring):
+    ``beyond`` holds the tensors whose measured range FP16 must not hold."""
+    inits = {t.name: t for t in model.graph.initializer}
+    init_big: dict[str, bool] = {}
+
+    def big_init(name: str) -> bool:
+        if name not in init_big:
+            t = inits[name]
+            a = onnx.numpy_helper.to_array(t)
+            init_big[name] = bool(a.dtype.kind == "f" and a.size and np.nanmax(np.abs(a)) > init_max)
+        return init_big[name]
+
+    fp32_plugins = {node.name for node, _ in registry.custom_nodes(model)
+                    if any(p == "fp32" for p in plan.get(node.op_type, {}).values())}
+    reasons: dict[str, list[str]] = {"rule": [], "range": [], "initializer": [], "plugin": []}
+    for n in model.graph.node:
+        if n.name in excluded:
+            reasons["rule"].append(n.name)
+        elif any(t in beyond for t in list(n.input) + list(n.output)):
+            reasons["range"].append(n.name)
+        elif any(big_init(t) for t in n.input if t in inits):
+            reasons["initializer"].append(n.name)
+        elif n.name in fp32_plugins:
+            reasons["plugin"].append(n.name)
+    return {name for names in reasons.values() for name in names}, reasons
+
+
+def _kept_custom_nodes(model: onnx.ModelProto, keep: set[str], reasons: dict[str, list[str]],
+                       registry: Any) -> dict[str, dict[str, str]]:
+    """The plan of each custom node kept in FP32 by a rule, a range or an initializer: every float input and
+    output fp32, which its TensorRT formats must allow."""
+    why = {name: reason for reason, names in reasons.items() for name in names}
+    _, fp32_plan = plugin_precision_plan(model, registry, "fp32", {})
+    out: dict[str, dict[str, str]] = {}
+    for node, _ in registry.custom_nodes(model):
+        if node.name not in keep or why.get(node.name) == "plugin":
+            continue
+        want = fp32_plan.get(node.op_type, {})
+        not_fp32 = sorted(io for io, p in want.items() if p in ("fp16", "bf16", "int8"))
+        if not_fp32:
+            raise UserError(
+                f"fp16: custom node {node.name} would stay FP32 ({why[node.name]}), but its TensorRT formats give "
+                f"{', '.join(not_fp32)} no fp32: raise --data-max or leave the node out of the exclusion rules")
+        out[node.name] = want
+    return out
+
+
+def _autocast(model: onnx.ModelProto, keep: set[str], beyond: set[str], init_max: float, keep_io_types: bool,
+              ctx: PassContext) -> onnx.ModelProto:
+    """ModelOpt AutoCast on a private copy: every node FP16 except the nodes named in ``keep``, those with an
+    input or output in ``beyond`` and those with an initializer past ``init_max`` (AutoCast's own rule).
+
+    AutoCast first cleans the graph up (it fuses a decomposed LayerNorm into one node, duplicates shared
+    constants), so the range rule is applied by tensor name, which survives that, not by node name."""
+    from qdqkit import modelopt_compat
+    from qdqkit.model import proto_size, save_model
+
+    if modelopt_compat.modelopt_version() is None:
+        raise UserError("the fp16 pass needs NVIDIA ModelOpt: pip install 'nvidia-modelopt[onnx]'")
+    with modelopt_compat.patched_modelopt(), modelopt_compat.run_in_private_dir(ctx.workdir) as tmp:
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+        from modelopt.onnx.autocast.nodeclassifier import NodeRuleBase
+
+        class KeptInFp32(NodeRuleBase):
+            """The nodes qdqkit decided to keep (rules, ranges, initializers, plugin formats)."""
+
+            def _check_inner(self, node: Any) -> bool:
+                return node.name in keep or any(t in beyond for t in list(node.input) + list(node.output))
+
+        src = tmp / "model.onnx"
+        save_model(model, src, external_data=proto_size(model) > _EXTERNAL_DATA_BYTES, durable=False)
+        # data_max=inf: the range decisions are qdqkit's (KeptInFp32, from tensor_ranges), so AutoCast's own
+        # reference run (random inputs without data, TensorRT's provider for custom ops) is skipped
+        # AutoCast's logger has a level of its own (INFO), under ModelOpt's: both lowered for the call
+        with ctx.custom_ops.installed_in_onnxruntime(), quiet_logger("modelopt.onnx"), \
+                quiet_logger("modelopt.onnx.autocast"):
+            return convert_to_mixed_precision(
+                onnx_path=str(src), low_precision_type="fp16", data_max=np.inf, init_max=init_max,
+                keep_io_types=keep_io_types, custom_rule=KeptInFp32(), providers=["cpu"], opset=_opset(model),
+            )
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    """The output's opset: the model's, at least 17 (CastLike, which lets the custom ops' CPU functions return
+    FP16 for FP16 inputs, is 15; the LayerNormalization that AutoCast makes of a decomposed one is 17)."""
+    return max(_MIN_OPSET, next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), _MIN_OPSET))

@@ -1,0 +1,249 @@
+"""The fp16 pass through the CLI, on the seeded plugin-laden transformer (conv stem, MHA, MSDA, LayerNorm).
+
+ModelOpt's AutoCast converts for real; value ranges are measured in onnxruntime through the MSDA ONNX-function
+kernel and checked here against every tensor computed by a plain onnxruntime session; the result is run and
+validated against the float model on held-out samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import qdq_models  # noqa: E402
+
+from qdqkit.cli import main  # noqa: E402
+
+MSDA = qdq_models.MSDA
+PASSES = "detect-custom-ops,trt-plugin-domain,infer-shapes,fp16"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fp16")
+    onnx.save(qdq_models.transformer_msda(), d / "model.onnx")
+    np.savez(d / "calib.npz", image=qdq_models.calibration_images(32))
+    return d
+
+
+def _apply(files, name, *extra, passes=PASSES + ",validate", calib="calib.npz"):
+    out, rep = files / f"{name}.onnx", files / f"{name}.json"
+    args = ["apply", str(files / "model.onnx"), "-o", str(out), "--passes", passes, "--report", str(rep), "-q"]
+    if calib:
+        args += ["--calib", str(files / calib), "--calib-samples", "8"]
+    if "validate" in passes:
+        args += ["--val-samples", "8"]
+    rc = main(args + list(extra))
+    return rc, out, (json.loads(rep.read_text()) if rep.exists() else None)
+
+
+def _step(report, name):
+    return next(s for s in report["passes"] if s["pass"] == name)["stats"]
+
+
+def _types(model):
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return types
+
+
+def _every_tensor(session, model, samples):
+    """Each float tensor of ``model`` over ``samples``, by a plain session that outputs all of them."""
+    m = onnx.shape_inference.infer_shapes(model)
+    have = {o.name for o in m.graph.output}
+    floats = [v.name for v in m.graph.value_info if v.type.tensor_type.elem_type == TensorProto.FLOAT]
+    for t in floats:
+        if t not in have:
+            m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    s = session.custom_ops.session(m)
+    names = [o.name for o in s.get_outputs()]
+    runs = [dict(zip(names, s.run(None, {"image": x[None]}))) for x in samples]
+    return {n: np.stack([r[n] for r in runs]) for n in names}
+
+
+def test_fp16_types_the_model_and_validates(files, session):
+    before = hashlib.sha256((files / "model.onnx").read_bytes()).hexdigest()
+    rc, out, report = _apply(files, "plain")
+    assert rc == 0
+    assert hashlib.sha256((files / "model.onnx").read_bytes()).hexdigest() == before
+    q = onnx.load(out)
+    onnx.checker.check_model(q, full_check=True)
+    types = _types(q)
+    # strongly typed: every tensor a node computes is fp16 except the Casts that keep the model I/O float32
+    assert [t for n in q.graph.node if n.op_type != "Cast" for t in n.output if types.get(t) == TensorProto.FLOAT] == []
+    assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT for v in list(q.graph.input) + list(q.graph.output))
+    for n in q.graph.node:
+        if n.op_type in ("Conv", "MatMul"):
+            assert [types[t] for t in n.input[:2]] == [TensorProto.FLOAT16] * 2, n.name
+    msda = [n for n in q.graph.node if n.op_type == MSDA]
+    assert len(msda) == 2 and all(n.domain == "trt.plugins" for n in msda)  # the domain the earlier pass gave
+    assert not q.functions  # the CPU kernels are not written out
+    stats = _step(report, "fp16")
+    assert stats["fp32_node_count"] == 0 and stats["fp32_in_output"] == []
+    assert all(c == {"value": "fp16", "reference_points": "fp16", "sampling_offsets": "fp16",
+                     "attention_weights": "fp16"} for c in stats["plugin_check"].values())
+    assert stats["ranges"]["samples"] == 8 and stats["ranges"]["tensors"] > 80
+    val = _step(report, "validate")
+    assert val["passed"] and val["samples"] == {"start": 8, "count": 8}
+    assert all(o["cosine_min"] >= 0.99 for o in val["outputs"])
+    # it runs in onnxruntime on the CPU as written (the MSDA function attached for the session)
+    outs = session.custom_ops.session(q).run(None, {"image": qdq_models.calibration_images(1, seed=9)})
+    assert [o.shape for o in outs] == [(1, 10), (1, 64, 32)] and all(np.isfinite(o).all() for o in outs)
+
+
+def test_measured_ranges_are_every_tensors_extremes(files, session):
+    from qdqkit.calib import builtin_source, model_inputs
+    from qdqkit.precision import float_tensors, tensor_ranges
+
+    model = onnx.load(files / "model.onnx")
+    source = builtin_source(str(files / "calib.npz"), model_inputs(model))
+    ranges = tensor_ranges(model, session.custom_ops, source, 3, 5)
+    assert set(ranges) == set(float_tensors(onnx.shape_inference.infer_shapes(model)))
+    images = qdq_models.calibration_images(32)[3:8]
+    every = _every_tensor(session, model, images)
+    every["image"] = images
+    assert set(ranges) <= set(every)
+    for t, (lo, hi) in ranges.items():
+        np.testing.assert_allclose([lo, hi], [every[t].min(), every[t].max()], rtol=1e-5, atol=1e-6, err_msg=t)
+
+
+def test_ranges_run_reduces_each_tensor_while_the_model_runs(files, session):
+    """onnxruntime runs each tensor's two reductions soon after the tensor is made (so it can be released), not
+    after the whole model: with the other order of the added nodes it held every tensor to the end."""
+    import json as json_
+
+    from qdqkit.precision import float_tensors, ranges_model
+
+    model = onnx.load(files / "model.onnx")
+    tensors = float_tensors(onnx.shape_inference.infer_shapes(model))
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(files / "ranges_profile")
+    s = session.custom_ops.session(ranges_model(model, tensors), sess_options=so)
+    s.run(None, {"image": qdq_models.calibration_images(1)})
+    events = json_.loads(Path(s.end_profiling()).read_text())
+    order = [e["name"][:-len("_kernel_time")] for e in events
+             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    reductions = [i for i, n in enumerate(order) if n.startswith("qdqkit_ranges/") and n.endswith("/reduce")]
+    model_nodes = [i for i, n in enumerate(order) if not n.startswith("qdqkit_ranges")]
+    assert len(reductions) > len(tensors)  # (those of tensors computed from constants are folded away)
+    # the reductions are spread through the run: half of them before the model's last node has run ...
+    assert reductions[len(reductions) // 2] < model_nodes[-1]
+    # ... in the order the tensors are made
+    first = [order[i].split("/")[1] for i in reductions[::2]]
+    assert [int(k) for k in first] == sorted(int(k) for k in first)
+
+
+def test_nodes_beyond_data_max_stay_fp32_and_no_others(files, session):
+    rc, out, report = _apply(files, "datamax", "--data-max", "3")
+    assert rc == 0
+    stats = _step(report, "fp16")
+    kept = set(stats["fp32_nodes"]["range"])
+    assert kept and stats["fp32_nodes"]["rule"] == [] and stats["fp32_nodes"]["plugin"] == []
+    # every node kept for its range has an input or output past 3 on the 8 range samples, and no other node has
+    model = onnx.load(files / "model.onnx")
+    every = _every_tensor(session, model, qdq_models.calibration_images(32)[:8])
+    every["image"] = qdq_models.calibration_images(32)[:8]
+    inits = {t.name for t in model.graph.initializer}
+    for n in model.graph.node:
+        io = [t for t in list(n.input) + list(n.output) if t and t not in inits and t in every]
+        assert (n.name in kept) == any(np.abs(every[t]).max() > 3 for t in io), n.name
+    q = onnx.load(out)
+    types = _types(q)
+    names = {n.name: n for n in q.graph.node}
+    for name in kept & set(names):
+        assert all(types.get(t) != TensorProto.FLOAT16 for t in names[name].output), name
+    # both MSDA nodes see values past 3, so they run in fp32, which their formats allow
+    assert all(set(c.values()) == {"fp32"} for c in stats["plugin_check"].values())
+    assert _step(report, "validate")["passed"]
+
+
+def test_rules_and_plugin_precision_keep_nodes_fp32(files):
+    rc, out, report = _apply(files, "rules", "--exclude-op-types", "Softmax", "--plugin-precision", f"{MSDA}:fp32")
+    assert rc == 0
+    stats = _step(report, "fp16")
+    assert set(stats["fp32_nodes"]["rule"]) == {"block0/attn/softmax", "block1/attn/softmax"}
+    assert set(stats["fp32_nodes"]["plugin"]) == {f"block{i}/msda/{MSDA}" for i in range(2)}
+    assert stats["rules"]["by_rule"]["op-type:Softmax"]
+    q = onnx.load(out)
+    types = _types(q)
+    for n in q.graph.node:
+        if n.op_type == "Softmax":
+            assert types[n.output[0]] == TensorProto.FLOAT
+        if n.op_type == MSDA:
+            assert types[n.input[0]] == types[n.output[0]] == TensorProto.FLOAT
+        if n.op_type == "Conv":
+            assert types[n.output[0]] == TensorProto.FLOAT16
+
+
+def test_without_data_the_report_says_ranges_were_not_checked(files):
+    rc, out, report = _apply(files, "nodata", passes=PASSES, calib=None)
+    assert rc == 0
+    stats = _step(report, "fp16")
+    assert stats["ranges"]["tensors"] == 0 and "not checked" in stats["notes"][0]
+    assert stats["tensors_by_precision"] == {"fp16": 85}
+
+
+def test_autocast_reference_run_never_runs(files, monkeypatch):
+    """qdqkit decides the FP32 nodes itself; AutoCast's reference run (random inputs without data, TensorRT's
+    provider for custom ops) must not run, with or without data."""
+    from modelopt.onnx.autocast import referencerunner
+
+    def refuse(*_a, **_k):
+        raise AssertionError("AutoCast's reference run ran")
+
+    monkeypatch.setattr(referencerunner.ReferenceRunner, "run", refuse)
+    assert _apply(files, "noref", passes=PASSES, calib=None)[0] == 0
+    assert _apply(files, "noref_data", "--data-max", "3", passes=PASSES)[0] == 0
+
+
+def test_fp16_io(files):
+    rc, out, _ = _apply(files, "io16", "--fp16-io", passes=PASSES)
+    assert rc == 0
+    q = onnx.load(out)
+    assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in list(q.graph.input) + list(q.graph.output))
+
+
+def _qdq_model(path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [0])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="dq")]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                                opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.mark.parametrize("case", ["qdq-model", "data-max", "validate-without-data", "plugin-precision"])
+def test_bad_input_is_one_line_and_exit_2(files, capsys, case):
+    if case == "qdq-model":
+        _qdq_model(files / "qdq.onnx")
+        argv = ["apply", str(files / "qdq.onnx"), "-o", str(files / "bad.onnx"), "--passes", "fp16"]
+        want = "has Q/DQ nodes"
+    elif case == "data-max":
+        argv = ["apply", str(files / "model.onnx"), "-o", str(files / "bad.onnx"), "--passes", PASSES,
+                "--data-max", "-1"]
+        want = "data_max must be a positive number"
+    elif case == "validate-without-data":
+        argv = ["apply", str(files / "model.onnx"), "-o", str(files / "bad.onnx"), "--passes", PASSES + ",validate"]
+        want = "needs samples: give --calib"
+    else:
+        argv = ["apply", str(files / "model.onnx"), "-o", str(files / "bad.onnx"), "--passes", PASSES,
+                "--plugin-precision", f"{MSDA}:value=fp16,*=fp32"]
+        want = "must be 'fp16' or 'fp32' (the whole op)"
+    capsys.readouterr()
+    assert main(argv + ["-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and want in err[0] and "Traceback" not in err[0], err
+    assert not (files / "bad.onnx").exists()
