@@ -134,8 +134,9 @@ VARIANTS = {
     "without-running-ranges": {"running_ranges": False},
     "without-direct-histograms": {"direct_histograms": False},
     "without-read-ranges-only": {"read_ranges_only": False},
+    "without-shape-probes": {"shape_probes": False},
     "modelopt-as-it-comes": {"fold_constants": False, "running_ranges": False, "direct_histograms": False,
-                             "read_ranges_only": False},
+                             "read_ranges_only": False, "shape_probes": False},
 }
 # the variant that leaves out the patch specific to each calibration method
 _WITHOUT = {"max": "without-running-ranges", "entropy": "without-direct-histograms"}

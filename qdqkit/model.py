@@ -311,6 +311,15 @@ def _write_external(proto: onnx.ModelProto, f: Any, location: str) -> onnx.Model
 ELIDED_LOCATION = "qdqkit-elided.bin"
 
 
+def inferred_structure(proto: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
+    """ONNX shape inference of ``proto`` (``kwargs`` as ``onnx.shape_inference.infer_shapes`` takes them), run on a
+    copy without the bytes of its large weights where they are heavy: onnx serializes what it is given, which
+    fails past 2 GB and costs time before. The result carries the types and shapes (``value_info``, outputs), not
+    the weights."""
+    light = weight_bytes(proto) < LIGHT_WEIGHTS
+    return onnx.shape_inference.infer_shapes(proto if light else structure_only(proto), **kwargs)
+
+
 def structure_only(proto: onnx.ModelProto, threshold: int = EXTERNAL_THRESHOLD) -> onnx.ModelProto:
     """A copy without the bytes of large initializers (dims and types kept), always under 2 GB.
 

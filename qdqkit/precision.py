@@ -17,6 +17,7 @@ from onnx import TensorProto, helper
 from qdqkit.calib import CalibrationSource, require
 from qdqkit.customops import TRT_PLUGIN_DOMAIN
 from qdqkit.errors import UserError
+from qdqkit.model import inferred_structure
 
 ONNX_PRECISION = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16", TensorProto.INT8: "int8"}
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -74,9 +75,10 @@ def as_trt_would_see_it(model: onnx.ModelProto, registry: Any, before: str = "qu
     if domains and not any(o.domain == TRT_PLUGIN_DOMAIN for o in work.opset_import):
         work.opset_import.append(helper.make_opsetid(TRT_PLUGIN_DOMAIN, 1))
     try:
-        work = onnx.shape_inference.infer_shapes(work)
-    except Exception as exc:
+        inferred = inferred_structure(work)
+    except Exception as exc:  # onnx raises several kinds (inference, checker, type errors): one line each way
         raise UserError(f"shape inference failed before {before}: {str(exc).splitlines()[0]}") from None
+    adopt_types(work, inferred)
     typed = {vi.name for vi in work.graph.value_info} | {vi.name for vi in work.graph.output}
     untyped = [t for n, _ in registry.custom_nodes(work) for t in n.output if t and t not in typed]
     if untyped:
@@ -85,6 +87,17 @@ def as_trt_would_see_it(model: onnx.ModelProto, registry: Any, before: str = "qu
             f"{before} would silently leave everything downstream untouched. Fix the spec's `infer`"
         )
     return work, domains
+
+
+def adopt_types(model: onnx.ModelProto, inferred: onnx.ModelProto) -> None:
+    """Take over (in place) the ``value_info`` and the graph outputs' types that shape inference gave
+    ``inferred``, a copy of ``model`` (possibly without its weights)."""
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    typed = {o.name: o for o in inferred.graph.output}
+    for o in model.graph.output:
+        if o.name in typed:
+            o.CopyFrom(typed[o.name])
 
 
 def restore_domains(model: onnx.ModelProto, domains: dict[str, str]) -> None:
@@ -96,8 +109,7 @@ def restore_domains(model: onnx.ModelProto, domains: dict[str, str]) -> None:
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """The element type of every tensor of the model's main graph, after ONNX shape inference."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    g = inferred.graph
+    g = inferred_structure(model).graph
     out = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
     out.update({t.name: t.data_type for t in g.initializer})
     return out
@@ -201,7 +213,7 @@ def tensor_ranges(model: onnx.ModelProto, registry: Any, source: CalibrationSour
 
     require(source, start, count, "range measurement")
     if tensors is None:
-        tensors = float_tensors(onnx.shape_inference.infer_shapes(model))
+        tensors = float_tensors(inferred_structure(model))
     if not tensors:
         return {}
     so = ort.SessionOptions()

@@ -913,3 +913,103 @@ def test_shapes_are_inferred_once_for_a_model_small_enough_to_keep(tmp_path, mon
     assert len(calls) == loads
     assert first is not second and first == second  # every caller gets its own model to change
     assert getattr(mod, attr) is before  # restored
+
+
+# -- patch 9: shape probes ------------------------------------------------------------------------------------------
+
+def _mha_model(seq: int = 600, dim: int = "static") -> onnx.ModelProto:
+    """An attention core over ``seq`` tokens (ModelOpt's MHA probe leaves it unquantized in INT8 past 512) and a
+    projection to 8 features (its small-GEMM probe leaves that out: N < 16). ``dim="dynamic"`` names the batch."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(5)
+    batch = 1 if dim == "static" else "batch"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, seq, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, seq, 8])
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="k_t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+        helper.make_node("Mul", ["s", "scale"], ["ss"], name="scale"),
+        helper.make_node("Softmax", ["ss"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["c"], name="context"),
+        helper.make_node("MatMul", ["c", "wo"], ["y"], name="small_out"),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 32)).astype("float32") * 0.2, n)
+             for n in ("wq", "wk", "wv")]
+    inits += [numpy_helper.from_array(rng.standard_normal((32, 8)).astype("float32") * 0.2, "wo"),
+              numpy_helper.from_array(np.array(32 ** -0.5, dtype="float32"), "scale")]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _quantize_probing(tmp_path, model: onnx.ModelProto, probes: bool) -> tuple:
+    """Quantize ``model`` (entropy, 4 samples) with patch 9 on or off; returns the quantized model, how often
+    ModelOpt's original probe ran an inference, and the patch notes."""
+    import importlib
+
+    import numpy as np
+    from modelopt.onnx.quantization import quantize
+
+    mod_name, attr = modelopt_compat._EXTENDED_OUTPUTS
+    mod = importlib.import_module(mod_name)
+    original, runs = getattr(mod, attr), []
+
+    def counting(*args, **kwargs):
+        runs.append(1)
+        return original(*args, **kwargs)
+
+    setattr(mod, attr, counting)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    try:
+        with modelopt_compat.patched_modelopt(shape_probes=probes) as notes, \
+                modelopt_compat.run_in_private_dir(tmp_path) as d:
+            onnx.save(model, d / "m.onnx")
+            shape = [dd.dim_value or 1 for dd in model.graph.input[0].type.tensor_type.shape.dim]
+            data = np.random.default_rng(0).standard_normal((4, *shape[1:])).astype("float32")
+            quantize(onnx_path=str(d / "m.onnx"), quantize_mode="int8", calibration_data={"x": data},
+                     calibration_method="entropy", calibration_eps=["cpu"], high_precision_dtype="fp32",
+                     dq_only=False, output_path=str(d / "q.onnx"), log_level="ERROR")
+            return onnx.load(str(d / "q.onnx")), len(runs), notes.lines()
+    finally:
+        setattr(mod, attr, original)
+
+
+def test_modelopt_runs_inference_for_its_shape_probes_upstream(tmp_path):
+    q, runs, _ = _quantize_probing(tmp_path, _mha_model(), probes=False)
+    assert runs == 2  # the small-GEMM probe and the MHA probe, each a run of the model with extra outputs
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    # what the probes decided: the attention core (600 tokens) and the 8-feature projection stay unquantized
+    assert "q" not in quantized and "c" not in quantized and "x" in quantized
+
+
+def test_shape_probes_answered_by_shape_inference_give_modelopts_model(tmp_path):
+    want, _, _ = _quantize_probing(tmp_path / "off", _mha_model(), probes=False)
+    got, runs, notes = _quantize_probing(tmp_path / "on", _mha_model(), probes=True)
+    assert runs == 0  # ModelOpt's inference never ran: both probes were answered by shape inference
+    assert notes[-1].startswith("2 of ModelOpt's 2 shape probes answered by shape inference")
+    assert got.SerializeToString() == want.SerializeToString()
+
+
+def test_shape_probes_with_a_dynamic_dimension_run_modelopts_inference(tmp_path, monkeypatch):
+    calls = []
+    original = modelopt_compat._static_outputs
+    monkeypatch.setattr(modelopt_compat, "_static_outputs", lambda m: calls.append(r := original(m)) or r)
+    want, _, _ = _quantize_probing(tmp_path / "off", _mha_model(dim="dynamic"), probes=False)
+    got, runs, notes = _quantize_probing(tmp_path / "on", _mha_model(dim="dynamic"), probes=True)
+    assert runs == 2 and calls == [None, None]  # no static answer: ModelOpt's own inference ran (the same model below)
+    assert notes[-1].startswith("0 of ModelOpt's 2 shape probes")
+    assert got.SerializeToString() == want.SerializeToString()
+
+
+def test_a_shape_probe_answer_refuses_to_give_values():
+    import numpy as np
+
+    a = modelopt_compat.ShapeOnly((2, 3), np.dtype("float32"))
+    assert a.shape == (2, 3) and a.ndim == 2 and a.dtype == np.float32
+    with pytest.raises(RuntimeError, match="patch 9"):
+        np.asarray(a)
+    with pytest.raises((TypeError, AttributeError)):
+        a[0]  # reading a value

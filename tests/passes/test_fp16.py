@@ -188,7 +188,7 @@ def test_rules_and_plugin_precision_keep_nodes_fp32(files):
 
 
 def test_without_data_the_report_says_ranges_were_not_checked(files):
-    rc, out, report = _apply(files, "nodata", passes=PASSES, calib=None)
+    rc, _, report = _apply(files, "nodata", passes=PASSES, calib=None)
     assert rc == 0
     stats = _step(report, "fp16")
     assert stats["ranges"]["tensors"] == 0 and "not checked" in stats["notes"][0]
@@ -247,3 +247,18 @@ def test_bad_input_is_one_line_and_exit_2(files, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and want in err[0] and "Traceback" not in err[0], err
     assert not (files / "bad.onnx").exists()
+
+
+def test_heavy_models_are_inferred_without_their_weights(files, monkeypatch):
+    """Past qdqkit.model.LIGHT_WEIGHTS, shape inference runs on a copy without the weights' bytes (onnx serializes
+    what it is given, which fails past 2 GB): the same model comes out."""
+    from qdqkit import model as qmodel
+
+    rc, light, _ = _apply(files, "light", passes=PASSES, calib=None)
+    calls = []
+    original = qmodel.structure_only
+    monkeypatch.setattr(qmodel, "LIGHT_WEIGHTS", 0)
+    monkeypatch.setattr(qmodel, "structure_only", lambda *a, **k: calls.append(1) or original(*a, **k))
+    rc2, heavy, _ = _apply(files, "heavy", passes=PASSES, calib=None)
+    assert rc == rc2 == 0 and calls
+    assert onnx.load(light).SerializeToString() == onnx.load(heavy).SerializeToString()
