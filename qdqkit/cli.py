@@ -376,7 +376,27 @@ def _summary(proto: Any, session: Any, *, with_census: bool = True) -> dict[str,
         census = classify_nodes(proto, session.custom_ops)
         summary["custom_ops"] = {"counts": census["counts"], "known": census["known"], "unknown": census["unknown"]}
     summary["qdq"] = _qdq(proto, session, hist)
+    summary["computed_types"] = _computed_types(proto)
     return summary
+
+
+def _computed_types(proto: Any) -> dict[str, int]:
+    """How many tensors the main graph's nodes compute, by element type as the model declares it (value_info and
+    outputs; "untyped" where it declares none), Casts and Q/DQ aside: for a strongly typed TensorRT build, what
+    runs in which precision."""
+    import onnx
+
+    g = proto.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.output)}
+    counts: dict[str, int] = {}
+    for n in g.node:
+        if n.op_type in ("Cast", "QuantizeLinear", "DequantizeLinear"):
+            continue
+        for t in n.output:
+            if t:
+                key = onnx.TensorProto.DataType.Name(types[t]).lower() if types.get(t) else "untyped"
+                counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _qdq(proto: Any, session: Any, hist: dict[str, int]) -> dict[str, Any]:
@@ -410,6 +430,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("op histogram:")
     for op, n in summary["op_histogram"].items():
         print(f"  {n:>6}  {op}")
+    print("computed tensors by type (Casts and Q/DQ aside): "
+          + ", ".join(f"{k} {v}" for k, v in summary["computed_types"].items()))
     print("q/dq: " + json.dumps(summary["qdq"], default=str))
     return 0
 

@@ -97,6 +97,10 @@ def test_fp16_types_the_model_and_validates(files, session):
     val = _step(report, "validate")
     assert val["passed"] and val["samples"] == {"start": 8, "count": 8}
     assert all(o["cosine_min"] >= 0.99 for o in val["outputs"])
+    # inspect says the same: every computed tensor fp16
+    from qdqkit.cli import _computed_types
+
+    assert _computed_types(q) == {"float16": stats["tensors_by_precision"]["fp16"]}
     # it runs in onnxruntime on the CPU as written (the MSDA function attached for the session)
     outs = session.custom_ops.session(q).run(None, {"image": qdq_models.calibration_images(1, seed=9)})
     assert [o.shape for o in outs] == [(1, 10), (1, 64, 32)] and all(np.isfinite(o).all() for o in outs)
