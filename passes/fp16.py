@@ -24,7 +24,7 @@ from qdqkit.precision import (
     tensor_ranges,
     tensor_types,
 )
-from qdqkit.quant_backends import plugin_precision_plan, quiet_logger
+from qdqkit.quant_backends import FLOAT_TYPES, plugin_precision_plan, quiet_logger
 from qdqkit.rules import ExclusionRules, RuleOptions
 
 STATE_KEY = "fp16"
@@ -104,13 +104,15 @@ class Fp16Pass(Pass):
         range_seconds = time.perf_counter() - t0
 
         beyond = {t for t, (lo, hi) in ranges.items() if _beyond(lo, hi, o.data_max)}
-        keep, reasons = _fp32_nodes(work, set(resolution.excluded), beyond, o.init_max, plan, registry)
+        big = _big_constants(work, o.init_max)
+        keep, reasons = _fp32_nodes(work, set(resolution.excluded), beyond, big, plan, registry)
         kept_plan = _kept_custom_nodes(work, keep, reasons, registry)
         t0 = time.perf_counter()
-        converted = _autocast(work, keep - set(reasons["initializer"]), beyond, o.init_max, o.keep_io_types, ctx)
+        converted = _autocast(work, keep, beyond | big, o.init_max, o.keep_io_types, ctx)
         convert_seconds = time.perf_counter() - t0
         restore_domains(converted, domains)
         registry.strip_functions(converted)
+        _check_kept(converted, keep, beyond | big)
         plugin_check = check_plugin_precision(converted, registry, plan, kept_plan)
 
         ctx.state[STATE_KEY] = {"float_model": proto, "source": source, "calib_samples": o.samples if source else 0}
@@ -172,25 +174,41 @@ def _count(values: Any) -> dict[str, int]:
 
 
 def _beyond(lo: float, hi: float, data_max: float) -> bool:
-    """A measured range FP16 must not hold: a magnitude past ``data_max``, or a NaN (an empty tensor's range,
-    (inf, -inf), holds nothing)."""
+    """A measured range FP16 must not hold: a magnitude past ``data_max`` (an infinity included), or NaN extremes
+    where the measurement returned them (an empty tensor's range, (inf, -inf), holds nothing)."""
     return bool(np.isnan(lo) or np.isnan(hi) or (lo <= hi and max(abs(lo), abs(hi)) > data_max))
 
 
-def _fp32_nodes(model: onnx.ModelProto, excluded: set[str], beyond: set[str], init_max: float,
+# ops that pass a constant's values on unchanged: their outputs are as large as the constant
+_VALUE_PRESERVING = frozenset({"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Flatten",
+                               "Expand"})
+
+
+def _big_constants(model: onnx.ModelProto, init_max: float) -> set[str]:
+    """Float initializers and Constant outputs with a value beyond ``init_max``, and what Casts, reshapes and the
+    like make of them (AutoCast's clean-up may fold those: the rule must hold whichever name survives)."""
+    from onnx import numpy_helper
+
+    def large(t: onnx.TensorProto) -> bool:
+        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                               onnx.TensorProto.BFLOAT16):
+            return False
+        a = numpy_helper.to_array(t)
+        return bool(a.size and np.nanmax(np.abs(a.astype(np.float64))) > init_max)
+
+    big = {t.name for t in model.graph.initializer if large(t)}
+    for n in model.graph.node:
+        constant = n.op_type == "Constant" and any(a.name == "value" and large(a.t) for a in n.attribute)
+        passed_on = n.op_type in _VALUE_PRESERVING and bool(n.input) and n.input[0] in big
+        if constant or passed_on:
+            big.update(n.output)
+    return big
+
+
+def _fp32_nodes(model: onnx.ModelProto, excluded: set[str], beyond: set[str], big: set[str],
                 plan: dict[str, dict[str, str]], registry: Any) -> tuple[set[str], dict[str, list[str]]]:
     """The nodes to keep in FP32, and the reasons (the first that applies, in the order of the class docstring):
-    ``beyond`` holds the tensors whose measured range FP16 must not hold."""
-    inits = {t.name: t for t in model.graph.initializer}
-    init_big: dict[str, bool] = {}
-
-    def big_init(name: str) -> bool:
-        if name not in init_big:
-            t = inits[name]
-            a = onnx.numpy_helper.to_array(t)
-            init_big[name] = bool(a.dtype.kind == "f" and a.size and np.nanmax(np.abs(a)) > init_max)
-        return init_big[name]
-
+    ``beyond`` holds the tensors whose measured range FP16 must not hold, ``big`` the constants it cannot."""
     fp32_plugins = {node.name for node, _ in registry.custom_nodes(model)
                     if any(p == "fp32" for p in plan.get(node.op_type, {}).values())}
     reasons: dict[str, list[str]] = {"rule": [], "range": [], "initializer": [], "plugin": []}
@@ -199,7 +217,7 @@ def _fp32_nodes(model: onnx.ModelProto, excluded: set[str], beyond: set[str], in
             reasons["rule"].append(n.name)
         elif any(t in beyond for t in list(n.input) + list(n.output)):
             reasons["range"].append(n.name)
-        elif any(big_init(t) for t in n.input if t in inits):
+        elif any(t in big for t in list(n.input) + list(n.output)):
             reasons["initializer"].append(n.name)
         elif n.name in fp32_plugins:
             reasons["plugin"].append(n.name)
@@ -208,22 +226,40 @@ def _fp32_nodes(model: onnx.ModelProto, excluded: set[str], beyond: set[str], in
 
 def _kept_custom_nodes(model: onnx.ModelProto, keep: set[str], reasons: dict[str, list[str]],
                        registry: Any) -> dict[str, dict[str, str]]:
-    """The plan of each custom node kept in FP32 by a rule, a range or an initializer: every float input and
-    output fp32, which its TensorRT formats must allow."""
+    """The plan of each custom node kept in FP32 (AutoCast keeps a node whole): every float input and output fp32,
+    which its TensorRT formats must allow. A plugin whose formats need FP16 on some float input or output and FP32
+    on others cannot be typed by this pass, which sets a custom op's precision as a whole."""
     why = {name: reason for reason, names in reasons.items() for name in names}
     _, fp32_plan = plugin_precision_plan(model, registry, "fp32", {})
     out: dict[str, dict[str, str]] = {}
-    for node, _ in registry.custom_nodes(model):
-        if node.name not in keep or why.get(node.name) == "plugin":
+    for node, spec in registry.custom_nodes(model):
+        if node.name not in keep:
             continue
+        floats = {io.name for io in (*spec.inputs, *spec.outputs) if any(t in FLOAT_TYPES for t in io.types)}
         want = fp32_plan.get(node.op_type, {})
-        not_fp32 = sorted(io for io, p in want.items() if p in ("fp16", "bf16", "int8"))
+        not_fp32 = sorted(io for io in floats if want.get(io) != "fp32")
         if not_fp32:
-            raise UserError(
-                f"fp16: custom node {node.name} would stay FP32 ({why[node.name]}), but its TensorRT formats give "
-                f"{', '.join(not_fp32)} no fp32: raise --data-max or leave the node out of the exclusion rules")
-        out[node.name] = want
+            hint = ("its formats need FP16 there and FP32 elsewhere, and the fp16 pass sets a custom op's precision "
+                    "as a whole: use `qdq --high-precision fp16` with a per-input --plugin-precision"
+                    if why[node.name] == "plugin" else
+                    "raise --data-max or leave the node out of the exclusion rules")
+            raise UserError(f"fp16: custom node {node.name} would stay FP32 ({why[node.name]}), but its TensorRT "
+                            f"formats give {', '.join(not_fp32)} no fp32: {hint}")
+        out[node.name] = dict(want)
     return out
+
+
+def _check_kept(model: onnx.ModelProto, keep: set[str], large: set[str]) -> None:
+    """AutoCast did what it was told: no node kept FP32 computes FP16, and no tensor too large for FP16 (measured,
+    or a constant) is FP16. Raises a RuntimeError naming the first offenders."""
+    types = tensor_types(model)
+    fp16 = onnx.TensorProto.FLOAT16
+    nodes = [n.name for n in model.graph.node if n.name in keep and any(types.get(t) == fp16 for t in n.output)]
+    tensors = sorted(t for t in large if types.get(t) == fp16)
+    if nodes or tensors:
+        raise RuntimeError("AutoCast typed FP16 what qdqkit kept FP32: "
+                           + "; ".join(filter(None, (f"nodes {', '.join(nodes[:5])}" if nodes else "",
+                                                     f"tensors {', '.join(tensors[:5])}" if tensors else ""))))
 
 
 def _autocast(model: onnx.ModelProto, keep: set[str], beyond: set[str], init_max: float, keep_io_types: bool,

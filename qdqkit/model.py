@@ -311,13 +311,22 @@ def _write_external(proto: onnx.ModelProto, f: Any, location: str) -> onnx.Model
 ELIDED_LOCATION = "qdqkit-elided.bin"
 
 
-def inferred_structure(proto: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
+def inferred_structure(proto: onnx.ModelProto, fresh: bool = False, **kwargs: Any) -> onnx.ModelProto:
     """ONNX shape inference of ``proto`` (``kwargs`` as ``onnx.shape_inference.infer_shapes`` takes them), run on a
     copy without the bytes of its large weights where they are heavy: onnx serializes what it is given, which
     fails past 2 GB and costs time before. The result carries the types and shapes (``value_info``, outputs), not
-    the weights."""
+    the weights. ``fresh``: the model's declared ``value_info`` is dropped first, so every intermediate type and
+    shape is what the ops derive (onnx otherwise keeps a declared one and merges leniently)."""
     light = weight_bytes(proto) < LIGHT_WEIGHTS
-    return onnx.shape_inference.infer_shapes(proto if light else structure_only(proto), **kwargs)
+    if not fresh:
+        return onnx.shape_inference.infer_shapes(proto if light else structure_only(proto), **kwargs)
+    if light:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+    else:
+        copy = structure_only(proto)
+    del copy.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(copy, **kwargs)
 
 
 def structure_only(proto: onnx.ModelProto, threshold: int = EXTERNAL_THRESHOLD) -> onnx.ModelProto:

@@ -115,9 +115,11 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      Cores, and how long each attention's sequence is (INT8 attention past 512 tokens stays unquantized). Each
      probe saves or serializes the model with extra outputs, opens a session and runs it on the first sample, and
      uses nothing of the outputs but their shapes. Inside the block, a probe whose outputs all have static shapes
-     under ONNX shape inference (qdqkit registers the custom ops' schemas and shape functions, and its
-     infer-shapes pass makes every shape static) gets those shapes instead, as ``ShapeOnly`` objects that refuse
-     to give values; a dynamic dimension anywhere keeps ModelOpt's inference. Tested: the same model byte for byte
+     under ONNX shape inference (qdqkit registers the custom ops' schemas and shape functions; with static model
+     inputs every shape is static) gets those shapes instead, as ``ShapeOnly`` objects that refuse to give
+     values. The inference drops the model's declared intermediate shapes first and is strict, so a stale
+     declaration (which onnxruntime would override, only warning) is not believed; a dynamic dimension or any
+     inference error keeps ModelOpt's inference. Tested: the same model byte for byte
      on an attention model where both probes decide something, and with a dynamic batch (the fallback); checked
      once on BEVFormer-tiny by a script not kept (bevformer-int8's and mha-excluded rules, serialized models
      equal). Measured (RESULTS.md): the qdq step of BEVFormer-tiny (2 frames, entropy) 24.2 -> 21.2 s with every
@@ -984,15 +986,17 @@ class ShapeOnly:
 
 def _static_outputs(model: Any) -> dict[str, ShapeOnly] | None:
     """Every graph output of ``model`` with its shape and type from ONNX shape inference (on a copy without the
-    large weights), or None where one of them is not fully static or inference fails."""
+    large weights and without its declared intermediate shapes), or None where one of them is not fully static or
+    inference fails or disagrees with a declared output shape."""
     import numpy as np
     from onnx import helper
 
     from qdqkit.model import inferred_structure
 
     try:
-        inferred = inferred_structure(model)
-    except Exception:  # onnx raises several kinds here (schema, type errors); any one means "no answer"
+        # fresh and strict: shapes the ops derive, never a stale declared one (onnx would merge leniently)
+        inferred = inferred_structure(model, fresh=True, strict_mode=True, data_prop=True)
+    except Exception:  # onnx raises several kinds here (schema, type, merge errors); any one means "no answer"
         return None
     g = inferred.graph
     # an output ModelOpt added has no type of its own; inference types it in value_info (or in the output)

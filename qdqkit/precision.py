@@ -108,8 +108,10 @@ def restore_domains(model: onnx.ModelProto, domains: dict[str, str]) -> None:
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """The element type of every tensor of the model's main graph, after ONNX shape inference."""
-    g = inferred_structure(model).graph
+    """The element type of every tensor of the model's main graph as its ops derive it (ONNX shape inference with
+    the declared ``value_info`` dropped: a custom op's output type is what its spec's shape function gives for the
+    inputs it gets, not what a tool wrote down)."""
+    g = inferred_structure(model, fresh=True).graph
     out = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
     out.update({t.name: t.data_type for t in g.initializer})
     return out
@@ -208,7 +210,8 @@ def tensor_ranges(model: onnx.ModelProto, registry: Any, source: CalibrationSour
     """The minimum and maximum of every float tensor (or of ``tensors``) over samples ``[start, start + count)``,
     computed in onnxruntime on the CPU with the registered custom-op kernels, one sample at a time: only two
     numbers a tensor leave the session, so memory does not grow with the model's activations. A tensor that is
-    empty on every sample gets (inf, -inf); one that holds a NaN gets NaN extremes."""
+    empty on every sample gets (inf, -inf); infinities count as extremes. NaN does not reliably show: onnxruntime's
+    ReduceMin/ReduceMax skip a NaN unless it comes first."""
     import onnxruntime as ort
 
     require(source, start, count, "range measurement")

@@ -204,6 +204,25 @@ def evaluation_session(model: onnx.ModelProto, registry: Any) -> Any:
     return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+_FLOAT_FEEDS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def _float_feeds(session: Any) -> dict[str, Any]:
+    """Each input of a session, with the float dtype it takes (None for other types)."""
+    return {i.name: _FLOAT_FEEDS.get(i.type) for i in session.get_inputs()}
+
+
+def _feed(sample: dict, inputs: dict[str, Any]) -> dict:
+    """The sample's arrays for a session's inputs; a float array goes in as the float type the input takes (a model
+    typed with FP16 inputs gets the samples rounded to FP16, as its users would feed it)."""
+    out = {}
+    for k, v in sample.items():
+        if k in inputs:
+            want = inputs[k]
+            out[k] = v.astype(want) if want is not None and v.dtype.kind == "f" and v.dtype != want else v
+    return out
+
+
 def compare(
     float_model: onnx.ModelProto,
     quant_model: onnx.ModelProto,
@@ -229,16 +248,16 @@ def compare(
     if missing:
         raise UserError(f"the quantized model lacks output(s) {', '.join(missing)} of the float model; compare a "
                         "model with its own quantized version")
-    in_float = {i.name for i in s_float.get_inputs()}
-    in_quant = {i.name for i in s_quant.get_inputs()}
+    in_float = _float_feeds(s_float)
+    in_quant = _float_feeds(s_quant)
     cos: dict[str, list[float]] = {n: [] for n in names}
     sig = dict.fromkeys(names, 0.0)
     err = dict.fromkeys(names, 0.0)
     mx = dict.fromkeys(names, 0.0)
     for i in range(start, start + count):
         sample = source.sample(i)
-        a = s_float.run(names, {k: v for k, v in sample.items() if k in in_float})
-        b = s_quant.run(names, {k: v for k, v in sample.items() if k in in_quant})
+        a = s_float.run(names, _feed(sample, in_float))
+        b = s_quant.run(names, _feed(sample, in_quant))
         for n, x, y in zip(names, a, b):
             x = np.asarray(x, np.float64).ravel()
             y = np.asarray(y, np.float64).ravel()

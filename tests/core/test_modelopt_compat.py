@@ -1013,3 +1013,22 @@ def test_a_shape_probe_answer_refuses_to_give_values():
         np.asarray(a)
     with pytest.raises((TypeError, AttributeError)):
         a[0]  # reading a value
+
+
+def test_a_shape_probe_answer_ignores_a_stale_declared_shape():
+    """A model whose value_info says 16 where its MatMul makes 32 (onnxruntime runs it with 32, only warning):
+    the probe answer is what the ops derive."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 600, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 600, 8])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["q"]), helper.make_node("MatMul", ["q", "w2"], ["y"])]
+    inits = [numpy_helper.from_array(np.zeros((32, 32), np.float32), "w"),
+             numpy_helper.from_array(np.zeros((32, 8), np.float32), "w2")]
+    g = helper.make_graph(nodes, "g", [x], [y], inits,
+                          value_info=[helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 600, 16])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.graph.output.extend([onnx.ValueInfoProto(name="q"), onnx.ValueInfoProto(name="x")])  # as ModelOpt adds them
+    got = modelopt_compat._static_outputs(m)
+    assert {k: v.shape for k, v in got.items()} == {"y": (1, 600, 8), "q": (1, 600, 32), "x": (1, 600, 32)}

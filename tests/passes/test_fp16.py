@@ -266,3 +266,34 @@ def test_heavy_models_are_inferred_without_their_weights(files, monkeypatch):
     rc2, heavy, _ = _apply(files, "heavy", passes=PASSES, calib=None)
     assert rc == rc2 == 0 and calls
     assert onnx.load(light).SerializeToString() == onnx.load(heavy).SerializeToString()
+
+
+def test_constants_beyond_fp16_keep_their_consumers_fp32(tmp_path):
+    """A float64 constant of 1e5 reaches a Sub and an Add through a Cast (which AutoCast's clean-up folds away):
+    without data, the initializer rule alone must keep both FP32, and the output must stay finite."""
+    from onnx import numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])
+    inits = [numpy_helper.from_array(np.full((16, 16), 1e-3, np.float32), "w"),
+             numpy_helper.from_array(np.full((16,), 1e5, np.float64), "b64")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Cast", ["b64"], ["b"], to=TensorProto.FLOAT, name="castb"),
+             helper.make_node("Sub", ["h", "b"], ["h2"], name="sub"),
+             helper.make_node("Add", ["h2", "b"], ["y"], name="add")]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                                opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main(["apply", str(tmp_path / "m.onnx"), "-o", str(out), "--passes", "fp16", "--report", str(rep), "-q"]) == 0
+    stats = _step(json.loads(rep.read_text()), "fp16")
+    assert {"castb", "sub", "add"} <= set(stats["fp32_nodes"]["initializer"]) and stats["fp32_nodes"]["range"] == []
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)}
+    want = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, feed)[0]
+    got = ort.InferenceSession(str(out)).run(None, feed)[0]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.02)  # the MatMul alone is FP16
+
+
+def test_fp16_io_validates(files):
+    rc, _, report = _apply(files, "io16val", "--fp16-io")
+    assert rc == 0 and _step(report, "validate")["passed"]
