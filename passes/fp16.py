@@ -3,6 +3,8 @@ the nodes that FP16 would hurt kept in FP32 (by rule, by measured range, by init
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +26,7 @@ from qdqkit.precision import (
     tensor_ranges,
     tensor_types,
 )
-from qdqkit.quant_backends import FLOAT_TYPES, plugin_precision_plan, quiet_logger
+from qdqkit.quant_backends import FLOAT_TYPES, MutedMessages, plugin_precision_plan, quiet_logger
 from qdqkit.rules import ExclusionRules, RuleOptions
 
 STATE_KEY = "fp16"
@@ -289,8 +291,11 @@ def _autocast(model: onnx.ModelProto, keep: set[str], beyond: set[str], init_max
         # data_max=inf: the range decisions are qdqkit's (KeptInFp32, from tensor_ranges), so AutoCast's own
         # reference run (random inputs without data, TensorRT's provider for custom ops) is skipped
         # AutoCast's logger has a level of its own (INFO), under ModelOpt's: both lowered for the call
+        # (onnx's version converter prints a line to stdout when it falls back to its C API: kept out too)
+        # (and AutoCast warns that it duplicated shared constants, which it does for any model that has them)
         with ctx.custom_ops.installed_in_onnxruntime(), quiet_logger("modelopt.onnx"), \
-                quiet_logger("modelopt.onnx.autocast"):
+                quiet_logger("modelopt.onnx.autocast"), contextlib.redirect_stdout(io.StringIO()), \
+                MutedMessages("modelopt.onnx.autocast", ("Shared constants were detected",)):
             return convert_to_mixed_precision(
                 onnx_path=str(src), low_precision_type="fp16", data_max=np.inf, init_max=init_max,
                 keep_io_types=keep_io_types, custom_rule=KeptInFp32(), providers=["cpu"], opset=_opset(model),

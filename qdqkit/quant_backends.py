@@ -11,6 +11,8 @@ Both run every onnxruntime session they create with the registered custom-op CPU
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 from dataclasses import dataclass, field
@@ -106,7 +108,9 @@ class ModelOptBackend:
             external = proto_size(model) > _EXTERNAL_DATA_BYTES
             save_model(model, src, external_data=external, durable=False)  # ModelOpt's private copy
             job.custom_ops.register_onnx_schemas()
-            with job.custom_ops.installed_in_onnxruntime(), quiet_logger("modelopt"), _Muted("modelopt.onnx", _EXPECTED):
+            # onnxruntime's histogram calibrator prints a line per sample to stdout: kept out of the user's output
+            with job.custom_ops.installed_in_onnxruntime(), quiet_logger("modelopt"), \
+                    MutedMessages("modelopt.onnx", _EXPECTED), contextlib.redirect_stdout(io.StringIO()):
                 quantize(
                     onnx_path=str(src),
                     quantize_mode="int8",
@@ -174,7 +178,7 @@ class OrtBackend:
 _EXPECTED = ("Failed to get GPU count", "are not supported. Skipping those")
 
 
-class _Muted(logging.Filter):
+class MutedMessages(logging.Filter):
     """Drop records containing any of ``texts`` from one logger for the duration of the block."""
 
     def __init__(self, name: str, texts: tuple[str, ...]) -> None:

@@ -297,3 +297,13 @@ def test_constants_beyond_fp16_keep_their_consumers_fp32(tmp_path):
 def test_fp16_io_validates(files):
     rc, _, report = _apply(files, "io16val", "--fp16-io")
     assert rc == 0 and _step(report, "validate")["passed"]
+
+
+def test_quiet_runs_print_nothing(files, capfd):
+    """ModelOpt, onnxruntime's calibrator and onnx's version converter print to stdout; -q output stays empty."""
+    capfd.readouterr()
+    assert _apply(files, "quiet_fp16", passes=PASSES)[0] == 0
+    assert _apply(files, "quiet_qdq", "--calibration-method", "entropy", "--exclude-op-types", "MatMul",
+                  passes="detect-custom-ops,trt-plugin-domain,infer-shapes,qdq")[0] == 0
+    out, _ = capfd.readouterr()
+    assert out == ""
