@@ -119,8 +119,8 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
 
 def check_plugin_precision(model: onnx.ModelProto, registry: Any, plan: dict[str, dict[str, str]],
                            by_node: dict[str, dict[str, str]] | None = None) -> dict:
-    """For every custom node, the precision each float input actually gets, against the plan (per op type, or
-    per node name in ``by_node``, which wins); float outputs planned fp32 or fp16 must carry that type.
+    """For every custom node, the precision each float input actually gets and each float output planned fp32 or
+    fp16 carries, against the plan (per op type, or per node name in ``by_node``, which wins).
 
     An input planned int8 must be fed by a QuantizeLinear; fp16/fp32 must arrive as that ONNX type. Raises a
     RuntimeError listing the mismatches (the back end did not do what it was told).
@@ -143,6 +143,7 @@ def check_plugin_precision(model: onnx.ModelProto, registry: Any, plan: dict[str
         for io, t in zip(spec.outputs, node.output):  # a float output must carry its planned type too
             if t and want.get(io.name) in ("fp32", "fp16"):
                 actual = ONNX_PRECISION.get(types.get(t), "?")
+                got[io.name] = actual
                 if actual != want[io.name]:
                     wrong.append(f"{node.name}.{io.name} (output): planned {want[io.name]}, got {actual}")
         found[node.name] = got

@@ -92,7 +92,7 @@ def test_fp16_types_the_model_and_validates(files, session):
     stats = _step(report, "fp16")
     assert stats["fp32_node_count"] == 0 and stats["fp32_in_output"] == []
     assert all(c == {"value": "fp16", "reference_points": "fp16", "sampling_offsets": "fp16",
-                     "attention_weights": "fp16"} for c in stats["plugin_check"].values())
+                     "attention_weights": "fp16", "output": "fp16"} for c in stats["plugin_check"].values())
     assert stats["ranges"]["samples"] == 8 and stats["ranges"]["tensors"] > 80
     val = _step(report, "validate")
     assert val["passed"] and val["samples"] == {"start": 8, "count": 8}

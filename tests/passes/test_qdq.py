@@ -123,7 +123,7 @@ def test_apply_checks_runs_and_validates(files, session, rule, high):
         # the MSDA function runs any float type, so MSDA gets fp16 (its TensorRT formats allow it)
         for node_check in stats["plugin_check"].values():
             assert node_check == {"value": "fp16", "reference_points": "fp16", "sampling_offsets": "fp16",
-                                  "attention_weights": "fp16"}
+                                  "attention_weights": "fp16", "output": "fp16"}
         assert any("truncates float16" in n for n in val["notes"])
     else:
         assert all(v == "fp32" for c in stats["plugin_check"].values() for v in c.values())
