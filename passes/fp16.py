@@ -3,8 +3,6 @@ the nodes that FP16 would hurt kept in FP32 (by rule, by measured range, by init
 
 from __future__ import annotations
 
-import contextlib
-import io
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,12 +112,14 @@ class Fp16Pass(Pass):
         convert_seconds = time.perf_counter() - t0
         restore_domains(converted, domains)
         registry.strip_functions(converted)
-        _check_kept(converted, keep, beyond | big)
-        plugin_check = check_plugin_precision(converted, registry, plan, kept_plan)
+        types = tensor_types(converted)
+        # with FP16 I/O asked for, the model's inputs and outputs are FP16 however large (the user's choice)
+        io = set() if o.keep_io_types else {v.name for v in (*converted.graph.input, *converted.graph.output)}
+        _check_kept(converted, types, keep, beyond | big, io)
+        plugin_check = check_plugin_precision(converted, registry, plan, kept_plan, types)
 
         ctx.state[STATE_KEY] = {"float_model": proto, "source": source, "calib_samples": o.samples if source else 0}
         model.set_proto(converted)
-        types = tensor_types(converted)
         computed = [t for n in converted.graph.node if n.op_type != "Cast" for t in n.output if t]
         fp32_out = sorted(n.name for n in converted.graph.node if n.op_type != "Cast"
                           and any(types.get(t) == onnx.TensorProto.FLOAT for t in n.output))
@@ -187,23 +187,47 @@ _VALUE_PRESERVING = frozenset({"Cast", "Identity", "Reshape", "Squeeze", "Unsque
 
 
 def _big_constants(model: onnx.ModelProto, init_max: float) -> set[str]:
-    """Float initializers and Constant outputs with a value beyond ``init_max``, and what Casts, reshapes and the
-    like make of them (AutoCast's clean-up may fold those: the rule must hold whichever name survives)."""
+    """Constants with a value beyond ``init_max`` and what the graph makes of them: float initializers, Constant
+    outputs (``value``, ``value_float``, ``value_floats``), ConstantOfShape outputs, the outputs of Casts, reshapes
+    and the like of a large tensor, and the outputs of any node computed from constants alone when one of them is
+    large (conservative: ``Mul(big, 1e-9)`` counts as large). AutoCast's clean-up may fold some of these: the rule
+    must hold whichever name survives."""
     from onnx import numpy_helper
 
+    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                   onnx.TensorProto.BFLOAT16)
+
     def large(t: onnx.TensorProto) -> bool:
-        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                               onnx.TensorProto.BFLOAT16):
+        if t.data_type not in float_types:
             return False
         a = numpy_helper.to_array(t)
-        return bool(a.size and np.nanmax(np.abs(a.astype(np.float64))) > init_max)
+        return bool(a.size and np.nanmax(np.abs(a)) > init_max)
 
+    def attribute_large(a: onnx.AttributeProto) -> bool:
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+            return large(a.t)
+        if a.name == "value_float":
+            return abs(a.f) > init_max
+        if a.name == "value_floats":
+            return any(abs(v) > init_max for v in a.floats)
+        return False
+
+    constant = {t.name for t in model.graph.initializer}
     big = {t.name for t in model.graph.initializer if large(t)}
     for n in model.graph.node:
-        constant = n.op_type == "Constant" and any(a.name == "value" and large(a.t) for a in n.attribute)
-        passed_on = n.op_type in _VALUE_PRESERVING and bool(n.input) and n.input[0] in big
-        if constant or passed_on:
+        from_constants = all(t in constant for t in n.input if t)
+        if n.op_type in ("Constant", "ConstantOfShape") and from_constants:
+            constant.update(n.output)
+            if any(attribute_large(a) for a in n.attribute):
+                big.update(n.output)
+        elif n.op_type in _VALUE_PRESERVING and n.input and n.input[0] in big:
             big.update(n.output)
+            if from_constants:
+                constant.update(n.output)
+        elif from_constants and n.input:
+            constant.update(n.output)
+            if any(t in big for t in n.input):
+                big.update(n.output)
     return big
 
 
@@ -251,13 +275,15 @@ def _kept_custom_nodes(model: onnx.ModelProto, keep: set[str], reasons: dict[str
     return out
 
 
-def _check_kept(model: onnx.ModelProto, keep: set[str], large: set[str]) -> None:
-    """AutoCast did what it was told: no node kept FP32 computes FP16, and no tensor too large for FP16 (measured,
-    or a constant) is FP16. Raises a RuntimeError naming the first offenders."""
-    types = tensor_types(model)
+def _check_kept(model: onnx.ModelProto, types: dict[str, int], keep: set[str], large: set[str],
+                io: set[str]) -> None:
+    """AutoCast did what it was told: no node kept FP32 computes FP16, and no tensor of ``large`` (measured past
+    data_max, or a constant beyond FP16) is FP16; the model inputs and outputs of ``io`` are FP16 by request and
+    not judged. Raises a RuntimeError naming the first offenders."""
     fp16 = onnx.TensorProto.FLOAT16
-    nodes = [n.name for n in model.graph.node if n.name in keep and any(types.get(t) == fp16 for t in n.output)]
-    tensors = sorted(t for t in large if types.get(t) == fp16)
+    nodes = [n.name for n in model.graph.node
+             if n.name in keep and any(types.get(t) == fp16 for t in n.output if t not in io)]
+    tensors = sorted(t for t in large - io if types.get(t) == fp16)
     if nodes or tensors:
         raise RuntimeError("AutoCast typed FP16 what qdqkit kept FP32: "
                            + "; ".join(filter(None, (f"nodes {', '.join(nodes[:5])}" if nodes else "",
@@ -291,11 +317,12 @@ def _autocast(model: onnx.ModelProto, keep: set[str], beyond: set[str], init_max
         # data_max=inf: the range decisions are qdqkit's (KeptInFp32, from tensor_ranges), so AutoCast's own
         # reference run (random inputs without data, TensorRT's provider for custom ops) is skipped
         # AutoCast's logger has a level of its own (INFO), under ModelOpt's: both lowered for the call
-        # (onnx's version converter prints a line to stdout when it falls back to its C API: kept out too)
-        # (and AutoCast warns that it duplicated shared constants, which it does for any model that has them)
+        # two warnings that say nothing to act on: AutoCast duplicated shared constants (it does for any model that
+        # has them), and onnxscript's version converter fell back to onnx's (the opset is raised either way)
         with ctx.custom_ops.installed_in_onnxruntime(), quiet_logger("modelopt.onnx"), \
-                quiet_logger("modelopt.onnx.autocast"), contextlib.redirect_stdout(io.StringIO()), \
-                MutedMessages("modelopt.onnx.autocast", ("Shared constants were detected",)):
+                quiet_logger("modelopt.onnx.autocast"), \
+                MutedMessages("modelopt.onnx.autocast", ("Shared constants were detected",)), \
+                MutedMessages("onnxscript.version_converter", ("and fallback is enabled",)):
             return convert_to_mixed_precision(
                 onnx_path=str(src), low_precision_type="fp16", data_max=np.inf, init_max=init_max,
                 keep_io_types=keep_io_types, custom_rule=KeptInFp32(), providers=["cpu"], opset=_opset(model),

@@ -118,14 +118,16 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def check_plugin_precision(model: onnx.ModelProto, registry: Any, plan: dict[str, dict[str, str]],
-                           by_node: dict[str, dict[str, str]] | None = None) -> dict:
+                           by_node: dict[str, dict[str, str]] | None = None,
+                           types: dict[str, int] | None = None) -> dict:
     """For every custom node, the precision each float input actually gets and each float output planned fp32 or
-    fp16 carries, against the plan (per op type, or per node name in ``by_node``, which wins).
+    fp16 carries, against the plan (per op type, or per node name in ``by_node``, which wins). ``types``: the
+    model's ``tensor_types`` where the caller has them.
 
     An input planned int8 must be fed by a QuantizeLinear; fp16/fp32 must arrive as that ONNX type. Raises a
     RuntimeError listing the mismatches (the back end did not do what it was told).
     """
-    types = tensor_types(model)
+    types = types if types is not None else tensor_types(model)
     producer = {t: n for n in model.graph.node for t in n.output}
     found: dict[str, dict[str, str]] = {}
     wrong: list[str] = []

@@ -12,7 +12,6 @@ Both run every onnxruntime session they create with the registered custom-op CPU
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import re
 from dataclasses import dataclass, field
@@ -108,9 +107,8 @@ class ModelOptBackend:
             external = proto_size(model) > _EXTERNAL_DATA_BYTES
             save_model(model, src, external_data=external, durable=False)  # ModelOpt's private copy
             job.custom_ops.register_onnx_schemas()
-            # onnxruntime's histogram calibrator prints a line per sample to stdout: kept out of the user's output
             with job.custom_ops.installed_in_onnxruntime(), quiet_logger("modelopt"), \
-                    MutedMessages("modelopt.onnx", _EXPECTED), contextlib.redirect_stdout(io.StringIO()):
+                    MutedMessages("modelopt.onnx", _EXPECTED), calibrator_prints_muted():
                 quantize(
                     onnx_path=str(src),
                     quantize_mode="int8",
@@ -176,6 +174,25 @@ class OrtBackend:
 # ModelOpt messages that are expected on this path and would only alarm: the CPU has no NVML, and integer plugin
 # inputs are named by their type in the precision flag (ModelOpt then leaves them alone, as intended).
 _EXPECTED = ("Failed to get GPU count", "are not supported. Skipping those")
+
+
+@contextlib.contextmanager
+def calibrator_prints_muted() -> Any:
+    """onnxruntime's histogram calibrator prints a line per sample and a summary to stdout ("Collecting tensor data
+    and making histogram ..."): inside the block its module's ``print`` is a no-op. Only that module's: stdout
+    itself is left alone, since ModelOpt binds its log handler to whatever ``sys.stdout`` is when it runs."""
+    from onnxruntime.quantization import calibrate
+
+    had = "print" in vars(calibrate)
+    before = vars(calibrate).get("print")
+    calibrate.print = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if had:
+            calibrate.print = before  # type: ignore[attr-defined]
+        else:
+            del calibrate.print
 
 
 class MutedMessages(logging.Filter):

@@ -268,30 +268,69 @@ def test_heavy_models_are_inferred_without_their_weights(files, monkeypatch):
     assert onnx.load(light).SerializeToString() == onnx.load(heavy).SerializeToString()
 
 
-def test_constants_beyond_fp16_keep_their_consumers_fp32(tmp_path):
-    """A float64 constant of 1e5 reaches a Sub and an Add through a Cast (which AutoCast's clean-up folds away):
-    without data, the initializer rule alone must keep both FP32, and the output must stay finite."""
+def _big_constant_model(kind: str):
+    """x @ w (small) minus and plus a constant of 1e5 that reaches Sub and Add through ``kind``: a Cast of a
+    float64 initializer (which AutoCast's clean-up folds away), a Constant's value_float, a ConstantOfShape, or
+    a Neg of an initializer."""
     from onnx import numpy_helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])
-    inits = [numpy_helper.from_array(np.full((16, 16), 1e-3, np.float32), "w"),
-             numpy_helper.from_array(np.full((16,), 1e5, np.float64), "b64")]
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
-             helper.make_node("Cast", ["b64"], ["b"], to=TensorProto.FLOAT, name="castb"),
+    inits = [numpy_helper.from_array(np.full((16, 16), 1e-3, np.float32), "w")]
+    if kind == "cast":
+        inits.append(numpy_helper.from_array(np.full((16,), 1e5, np.float64), "b64"))
+        make = [helper.make_node("Cast", ["b64"], ["b"], to=TensorProto.FLOAT, name="castb")]
+    elif kind == "value_float":
+        make = [helper.make_node("Constant", [], ["b"], value_float=1e5, name="constb")]
+    elif kind == "constant_of_shape":
+        inits.append(numpy_helper.from_array(np.array([16], np.int64), "n"))
+        make = [helper.make_node("ConstantOfShape", ["n"], ["b"], name="fillb",
+                                 value=numpy_helper.from_array(np.array([1e5], np.float32)))]
+    else:
+        inits.append(numpy_helper.from_array(np.full((16,), -1e5, np.float32), "nb"))
+        make = [helper.make_node("Neg", ["nb"], ["b"], name="negb")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), *make,
              helper.make_node("Sub", ["h", "b"], ["h2"], name="sub"),
              helper.make_node("Add", ["h2", "b"], ["y"], name="add")]
-    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
-                                opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("kind", ["cast", "value_float", "constant_of_shape", "neg"])
+def test_constants_beyond_fp16_keep_their_consumers_fp32(tmp_path, kind):
+    """Without data, the initializer rule alone must keep Sub and Add FP32, and the output must stay finite."""
+    onnx.save(_big_constant_model(kind), tmp_path / "m.onnx")
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     assert main(["apply", str(tmp_path / "m.onnx"), "-o", str(out), "--passes", "fp16", "--report", str(rep), "-q"]) == 0
     stats = _step(json.loads(rep.read_text()), "fp16")
-    assert {"castb", "sub", "add"} <= set(stats["fp32_nodes"]["initializer"]) and stats["fp32_nodes"]["range"] == []
+    assert {"sub", "add"} <= set(stats["fp32_nodes"]["initializer"]) and stats["fp32_nodes"]["range"] == []
     feed = {"x": np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)}
     want = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, feed)[0]
     got = ort.InferenceSession(str(out)).run(None, feed)[0]
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=0, atol=0.02)  # the MatMul alone is FP16
+
+
+def test_fp16_io_with_inputs_past_data_max(tmp_path):
+    """Inputs of about 2000 (past data_max, within FP16): the first MatMul stays FP32 by range, and the FP16
+    inputs and outputs asked for are not held against the pass."""
+    from onnx import numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    w = numpy_helper.from_array(np.eye(16, dtype=np.float32), "w")
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=(np.random.default_rng(0).standard_normal((32, 16)) * 2000).astype(np.float32))
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main(["apply", str(tmp_path / "m.onnx"), "-o", str(out), "--passes", "fp16,validate", "--calib",
+                 str(tmp_path / "c.npz"), "--calib-samples", "4", "--val-samples", "4", "--fp16-io", "--report",
+                 str(rep), "-q"]) == 0
+    stats = _step(json.loads(rep.read_text()), "fp16")
+    assert "mm" in stats["fp32_nodes"]["range"]
+    q = onnx.load(out)
+    assert q.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
 
 
 def test_fp16_io_validates(files):
@@ -305,5 +344,12 @@ def test_quiet_runs_print_nothing(files, capfd):
     assert _apply(files, "quiet_fp16", passes=PASSES)[0] == 0
     assert _apply(files, "quiet_qdq", "--calibration-method", "entropy", "--exclude-op-types", "MatMul",
                   passes="detect-custom-ops,trt-plugin-domain,infer-shapes,qdq")[0] == 0
-    out, _ = capfd.readouterr()
+    out, err = capfd.readouterr()
     assert out == ""
+    assert not any(s in err for s in ("Collecting tensor data", "Shared constants", "version converter")), err
+    # stdout itself was left alone: ModelOpt's log handler, made while it ran, still writes to a real stream
+    import io
+    import logging
+
+    streams = [getattr(h, "stream", None) for h in logging.getLogger("modelopt.onnx").handlers]
+    assert streams and not any(isinstance(st, io.StringIO) for st in streams)
