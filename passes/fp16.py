@@ -11,13 +11,14 @@ import numpy as np
 import onnx
 
 from qdqkit.calib import model_inputs, require, resolve_source
+from qdqkit.customops import default_opset
 from qdqkit.errors import UserError
 from qdqkit.pass_infra import Pass, PassContext, PassResult
 from qdqkit.precision import (
-    ONNX_PRECISION,
     as_trt_would_see_it,
     check_plugin_precision,
     check_runnable,
+    computed_types,
     float_tensors,
     name_nodes,
     restore_domains,
@@ -30,7 +31,8 @@ from qdqkit.rules import ExclusionRules, RuleOptions
 STATE_KEY = "fp16"
 _FP16_MAX = float(np.finfo(np.float16).max)
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
-_EXTERNAL_DATA_BYTES = 1_800_000_000
+# the output's least opset: CastLike (15) lets the custom ops' CPU functions return FP16 for FP16 inputs, and the
+# LayerNormalization that AutoCast makes of a decomposed one is 17
 _MIN_OPSET = 17
 
 
@@ -79,8 +81,7 @@ class Fp16Pass(Pass):
         registry.register_onnx_schemas()
         proto = onnx.ModelProto()
         proto.CopyFrom(model.proto)
-        qdq = sorted({n.op_type for n in proto.graph.node if n.op_type in _QDQ})
-        if qdq:
+        if any(n.op_type in _QDQ for n in proto.graph.node):
             raise UserError("the fp16 pass types a float model, and this one has Q/DQ nodes: for INT8 with FP16 "
                             "elsewhere use `qdq --high-precision fp16` instead")
         renamed = name_nodes(proto)
@@ -120,7 +121,6 @@ class Fp16Pass(Pass):
 
         ctx.state[STATE_KEY] = {"float_model": proto, "source": source, "calib_samples": o.samples if source else 0}
         model.set_proto(converted)
-        computed = [t for n in converted.graph.node if n.op_type != "Cast" for t in n.output if t]
         fp32_out = sorted(n.name for n in converted.graph.node if n.op_type != "Cast"
                           and any(types.get(t) == onnx.TensorProto.FLOAT for t in n.output))
         present = {n.name for n in converted.graph.node}
@@ -138,7 +138,7 @@ class Fp16Pass(Pass):
             "nodes": len(converted.graph.node),
             "casts": sum(n.op_type == "Cast" for n in converted.graph.node) -
             sum(n.op_type == "Cast" for n in proto.graph.node),
-            "tensors_by_precision": _count(ONNX_PRECISION.get(types.get(t), "other") for t in computed),
+            "tensors_by_precision": computed_types(converted, types),
             "plugin_precision": plan,
             "plugin_precision_flags": flags,
             "plugin_check": plugin_check,
@@ -166,13 +166,6 @@ def _whole_op_overrides(overrides: dict[str, str]) -> dict[str, str]:
         if value not in ("fp16", "fp32"):
             raise UserError(f"fp16: plugin precision of {op} must be 'fp16' or 'fp32' (the whole op), got '{value}'")
     return {op: value if value == "fp16" else "*=fp32" for op, value in overrides.items()}
-
-
-def _count(values: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return dict(sorted(out.items()))
 
 
 def _beyond(lo: float, hi: float, data_max: float) -> bool:
@@ -298,7 +291,7 @@ def _autocast(model: onnx.ModelProto, keep: set[str], beyond: set[str], init_max
     AutoCast first cleans the graph up (it fuses a decomposed LayerNorm into one node, duplicates shared
     constants), so the range rule is applied by tensor name, which survives that, not by node name."""
     from qdqkit import modelopt_compat
-    from qdqkit.model import proto_size, save_model
+    from qdqkit.model import TOOL_COPY_EXTERNAL_BYTES, proto_size, save_model
 
     if modelopt_compat.modelopt_version() is None:
         raise UserError("the fp16 pass needs NVIDIA ModelOpt: pip install 'nvidia-modelopt[onnx]'")
@@ -313,23 +306,17 @@ def _autocast(model: onnx.ModelProto, keep: set[str], beyond: set[str], init_max
                 return node.name in keep or any(t in beyond for t in list(node.input) + list(node.output))
 
         src = tmp / "model.onnx"
-        save_model(model, src, external_data=proto_size(model) > _EXTERNAL_DATA_BYTES, durable=False)
-        # data_max=inf: the range decisions are qdqkit's (KeptInFp32, from tensor_ranges), so AutoCast's own
-        # reference run (random inputs without data, TensorRT's provider for custom ops) is skipped
-        # AutoCast's logger has a level of its own (INFO), under ModelOpt's: both lowered for the call
-        # two warnings that say nothing to act on: AutoCast duplicated shared constants (it does for any model that
-        # has them), and onnxscript's version converter fell back to onnx's (the opset is raised either way)
+        save_model(model, src, external_data=proto_size(model) > TOOL_COPY_EXTERNAL_BYTES, durable=False)
+        # data_max=inf: the range decisions are qdqkit's (KeptInFp32), so AutoCast's own reference run (random
+        # inputs without data, TensorRT's provider for custom ops) is skipped. Its logger has a level of its own
+        # (INFO) under ModelOpt's: both lowered. Two warnings say nothing to act on: shared constants duplicated
+        # (AutoCast does that for any model that has them), and onnxscript's converter falling back to onnx's.
         with ctx.custom_ops.installed_in_onnxruntime(), quiet_logger("modelopt.onnx"), \
                 quiet_logger("modelopt.onnx.autocast"), \
                 MutedMessages("modelopt.onnx.autocast", ("Shared constants were detected",)), \
                 MutedMessages("onnxscript.version_converter", ("and fallback is enabled",)):
             return convert_to_mixed_precision(
                 onnx_path=str(src), low_precision_type="fp16", data_max=np.inf, init_max=init_max,
-                keep_io_types=keep_io_types, custom_rule=KeptInFp32(), providers=["cpu"], opset=_opset(model),
+                keep_io_types=keep_io_types, custom_rule=KeptInFp32(), providers=["cpu"],
+                opset=max(_MIN_OPSET, default_opset(model)),
             )
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    """The output's opset: the model's, at least 17 (CastLike, which lets the custom ops' CPU functions return
-    FP16 for FP16 inputs, is 15; the LayerNormalization that AutoCast makes of a decomposed one is 17)."""
-    return max(_MIN_OPSET, next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), _MIN_OPSET))

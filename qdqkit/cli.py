@@ -349,6 +349,7 @@ def _summary(proto: Any, session: Any, *, with_census: bool = True) -> dict[str,
     import onnx
 
     from qdqkit.customops import classify_nodes, iter_nodes
+    from qdqkit.precision import computed_types
 
     def io(values: Any) -> list[dict[str, Any]]:
         init = {t.name for t in proto.graph.initializer}
@@ -376,27 +377,8 @@ def _summary(proto: Any, session: Any, *, with_census: bool = True) -> dict[str,
         census = classify_nodes(proto, session.custom_ops)
         summary["custom_ops"] = {"counts": census["counts"], "known": census["known"], "unknown": census["unknown"]}
     summary["qdq"] = _qdq(proto, session, hist)
-    summary["computed_types"] = _computed_types(proto)
+    summary["computed_types"] = computed_types(proto)  # as the model declares them: inspect infers nothing
     return summary
-
-
-def _computed_types(proto: Any) -> dict[str, int]:
-    """How many tensors the main graph's nodes compute, by element type as the model declares it (value_info and
-    outputs; "untyped" where it declares none), Casts and Q/DQ aside: for a strongly typed TensorRT build, what
-    runs in which precision."""
-    import onnx
-
-    g = proto.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.output)}
-    counts: dict[str, int] = {}
-    for n in g.node:
-        if n.op_type in ("Cast", "QuantizeLinear", "DequantizeLinear"):
-            continue
-        for t in n.output:
-            if t:
-                key = onnx.TensorProto.DataType.Name(types[t]).lower() if types.get(t) else "untyped"
-                counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _qdq(proto: Any, session: Any, hist: dict[str, int]) -> dict[str, Any]:

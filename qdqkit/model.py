@@ -27,6 +27,9 @@ PROTOBUF_LIMIT = 2**31 - 2**24
 EXTERNAL_THRESHOLD = 1024
 # below this many bytes of weights, handing onnx the whole model is cheaper than building a data-less copy
 LIGHT_WEIGHTS = 64 * 2**20
+# a copy handed to ModelOpt keeps its weights in a side file past this size: lower than PROTOBUF_LIMIT on purpose,
+# since the same flag decides how ModelOpt saves its output, which grows by the nodes and constants it adds
+TOOL_COPY_EXTERNAL_BYTES = 1_800_000_000
 
 
 class ModelHandle:
@@ -317,16 +320,13 @@ def inferred_structure(proto: onnx.ModelProto, fresh: bool = False, **kwargs: An
     fails past 2 GB and costs time before. The result carries the types and shapes (``value_info``, outputs), not
     the weights. ``fresh``: the model's declared ``value_info`` is dropped first, so every intermediate type and
     shape is what the ops derive (onnx otherwise keeps a declared one and merges leniently)."""
-    light = weight_bytes(proto) < LIGHT_WEIGHTS
-    if not fresh:
-        return onnx.shape_inference.infer_shapes(proto if light else structure_only(proto), **kwargs)
-    if light:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(proto)
-    else:
-        copy = structure_only(proto)
-    del copy.graph.value_info[:]
-    return onnx.shape_inference.infer_shapes(copy, **kwargs)
+    subject = proto if weight_bytes(proto) < LIGHT_WEIGHTS else structure_only(proto)
+    if fresh:
+        if subject is proto:
+            subject = onnx.ModelProto()
+            subject.CopyFrom(proto)
+        del subject.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(subject, **kwargs)
 
 
 def structure_only(proto: onnx.ModelProto, threshold: int = EXTERNAL_THRESHOLD) -> onnx.ModelProto:

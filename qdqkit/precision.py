@@ -8,6 +8,7 @@ that every custom node receives the precision it was planned to get.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -117,6 +118,18 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
+def computed_types(model: onnx.ModelProto, types: dict[str, int] | None = None) -> dict[str, int]:
+    """How many tensors the main graph's nodes compute, by element type ("float", "float16", ...; "untyped" where
+    none is known), Casts and Q/DQ aside: for a strongly typed TensorRT build, what runs in which precision. By the
+    types given (``tensor_types``), or else as the model declares them (value_info and outputs)."""
+    if types is None:
+        types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)}
+    counts = Counter(TensorProto.DataType.Name(types[t]).lower() if types.get(t) else "untyped"
+                     for n in model.graph.node if n.op_type not in ("Cast", "QuantizeLinear", "DequantizeLinear")
+                     for t in n.output if t)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def check_plugin_precision(model: onnx.ModelProto, registry: Any, plan: dict[str, dict[str, str]],
                            by_node: dict[str, dict[str, str]] | None = None,
                            types: dict[str, int] | None = None) -> dict:
@@ -158,6 +171,7 @@ def check_plugin_precision(model: onnx.ModelProto, registry: Any, plan: dict[str
 
 _RANGES = "qdqkit_ranges"
 
+
 def float_tensors(model: onnx.ModelProto) -> list[str]:
     """The floating-point tensors the model's main graph computes or takes as input (not initializers), in
     graph order, from the model's own types (run shape inference first)."""
@@ -178,8 +192,8 @@ def ranges_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     the node list. The reductions of the last tensor therefore come first in the list and those of the first
     tensor last: the walk then reaches the first tensor's reductions first, and every tensor is reduced right after
     it is made and can be released. Listed the other way round (each tensor's reductions after its producer), the
-    walk computed the whole model before the first reduction, and BEVFormer-tiny's range run peaked at 13.4 GB
-    against a plain run's 1.6 GB.
+    walk computed the whole model before the first reduction: BEVFormer-tiny's range run peaked at 13.7 GB against
+    2.4 GB as listed here and 1.8 GB for a plain run (``benchmarks/fp16_ranges.py``).
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -232,7 +246,7 @@ def tensor_ranges(model: onnx.ModelProto, registry: Any, source: CalibrationSour
         sample = source.sample(i)
         both = session.run([_RANGES], {k: v for k, v in sample.items() if k in feeds})[0]
         a, b = both[0::2], both[1::2]
-        # fmin/fmax would drop a NaN; minimum/maximum keep it, so a tensor that ever holds one says so
+        # minimum/maximum, not fmin/fmax: a NaN extreme onnxruntime does return is kept
         lo = np.minimum(lo, a)
         hi = np.maximum(hi, b)
     return {t: (float(x), float(y)) for t, x, y in zip(tensors, lo, hi)}

@@ -22,7 +22,7 @@ import onnx
 
 from qdqkit.calib import SampleReader
 from qdqkit.errors import UserError
-from qdqkit.model import proto_size, save_model
+from qdqkit.model import TOOL_COPY_EXTERNAL_BYTES, proto_size, save_model
 
 FLOAT_TYPES = {"tensor(float)": "fp32", "tensor(float16)": "fp16", "tensor(bfloat16)": "bf16"}
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -79,12 +79,6 @@ class QuantBackendRegistry:
         return name in self._backends
 
 
-# protobuf cannot serialize a model over 2 GB (qdqkit.model.PROTOBUF_LIMIT, is_large): past this size the private
-# copy keeps its weights in a side file. Lower than that limit on purpose: the same flag decides how ModelOpt saves
-# its output, which grows by the Q/DQ nodes and scales it adds.
-_EXTERNAL_DATA_BYTES = 1_800_000_000
-
-
 def _anchored(names: list[str]) -> list[str]:
     # ModelOpt treats nodes_to_exclude as regexes anchored at the start only: escape and anchor the end too.
     return [re.escape(n) + "$" for n in names]
@@ -104,7 +98,7 @@ class ModelOptBackend:
             src, out = tmp / "model.onnx", tmp / "model.quant.onnx"
             # proto_size sums the parts (ByteSize would serialize the whole model); save_model leaves ``model``
             # as it is, where onnx.save with external data would move its weights out in place
-            external = proto_size(model) > _EXTERNAL_DATA_BYTES
+            external = proto_size(model) > TOOL_COPY_EXTERNAL_BYTES
             save_model(model, src, external_data=external, durable=False)  # ModelOpt's private copy
             job.custom_ops.register_onnx_schemas()
             with job.custom_ops.installed_in_onnxruntime(), quiet_logger("modelopt"), \

@@ -120,7 +120,7 @@ def test_fp16_recipe_keeps_the_camera_projection_fp32_and_validates(exported, tm
     kept = stats["fp32_nodes"]["range"]
     assert kept and all(n.startswith("/pts_bbox_head/transformer/encoder/") for n in kept), kept
     assert stats["fp32_nodes"]["rule"] == stats["fp32_nodes"]["plugin"] == []
-    assert stats["tensors_by_precision"]["fp16"] > 50 * stats["tensors_by_precision"]["fp32"]
+    assert stats["tensors_by_precision"]["float16"] > 50 * stats["tensors_by_precision"]["float"]
     assert set(stats["plugin_check"]) and all(set(c.values()) <= {"fp16", "fp32"} for c in stats["plugin_check"].values())
     val = _pass_stats(rep, "validate")
     assert val["passed"] and min(o["cosine_min"] for o in val["outputs"]) >= 0.99

@@ -157,6 +157,21 @@ def calibration_images(n: int, seed: int = 1, size: int = IMG[2]) -> np.ndarray:
     return out
 
 
+def write_case(folder, samples: int, npy_folder: bool = False):
+    """The test model as ``folder/model.onnx`` and ``samples`` calibration images as ``folder/calib.npz`` (and as
+    ``folder/folder/image.npy`` where asked); returns ``folder``."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    onnx.save(transformer_msda(), folder / "model.onnx")
+    images = calibration_images(samples)
+    np.savez(folder / "calib.npz", image=images)
+    if npy_folder:
+        (folder / "folder").mkdir()
+        np.save(folder / "folder" / "image.npy", images)
+    return folder
+
+
 def plain_cnn(seed: int = 0) -> onnx.ModelProto:
     """A model with no custom op (Conv → Relu → Conv → flatten → MatMul), for the rule and backend tests."""
     b = _Builder(seed)

@@ -29,10 +29,7 @@ PASSES = "detect-custom-ops,trt-plugin-domain,infer-shapes,fp16"
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fp16")
-    onnx.save(qdq_models.transformer_msda(), d / "model.onnx")
-    np.savez(d / "calib.npz", image=qdq_models.calibration_images(32))
-    return d
+    return qdq_models.write_case(tmp_path_factory.mktemp("fp16"), 32)
 
 
 def _apply(files, name, *extra, passes=PASSES + ",validate", calib="calib.npz"):
@@ -98,9 +95,9 @@ def test_fp16_types_the_model_and_validates(files, session):
     assert val["passed"] and val["samples"] == {"start": 8, "count": 8}
     assert all(o["cosine_min"] >= 0.99 for o in val["outputs"])
     # inspect says the same: every computed tensor fp16
-    from qdqkit.cli import _computed_types
+    from qdqkit.precision import computed_types
 
-    assert _computed_types(q) == {"float16": stats["tensors_by_precision"]["fp16"]}
+    assert computed_types(q) == stats["tensors_by_precision"] and set(computed_types(q)) == {"float16"}
     # it runs in onnxruntime on the CPU as written (the MSDA function attached for the session)
     outs = session.custom_ops.session(q).run(None, {"image": qdq_models.calibration_images(1, seed=9)})
     assert [o.shape for o in outs] == [(1, 10), (1, 64, 32)] and all(np.isfinite(o).all() for o in outs)
@@ -196,7 +193,7 @@ def test_without_data_the_report_says_ranges_were_not_checked(files):
     assert rc == 0
     stats = _step(report, "fp16")
     assert stats["ranges"]["tensors"] == 0 and "not checked" in stats["notes"][0]
-    assert stats["tensors_by_precision"] == {"fp16": 85}
+    assert stats["tensors_by_precision"] == {"float16": 85}
 
 
 def test_autocast_reference_run_never_runs(files, monkeypatch):

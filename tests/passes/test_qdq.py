@@ -28,13 +28,7 @@ MSDA = qdq_models.MSDA
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qdq")
-    onnx.save(qdq_models.transformer_msda(), d / "model.onnx")
-    images = qdq_models.calibration_images(32)
-    np.savez(d / "calib.npz", image=images)
-    (d / "folder").mkdir()
-    np.save(d / "folder" / "image.npy", images)
-    return d
+    return qdq_models.write_case(tmp_path_factory.mktemp("qdq"), 32, npy_folder=True)
 
 
 def _apply(files, name, *extra, calib="calib.npz"):

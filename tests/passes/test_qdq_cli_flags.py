@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
@@ -18,10 +17,7 @@ from qdqkit.cli import main  # noqa: E402
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qdqflags")
-    onnx.save(qdq_models.transformer_msda(), d / "model.onnx")
-    np.savez(d / "calib.npz", image=qdq_models.calibration_images(12))
-    return d
+    return qdq_models.write_case(tmp_path_factory.mktemp("qdqflags"), 12)
 
 
 def _apply(files, name, *extra):
