@@ -169,7 +169,15 @@ def check_plugin_precision(model: onnx.ModelProto, registry: Any, plan: dict[str
 
 # -- value ranges -----------------------------------------------------------------------------------------------
 
-_RANGES = "qdqkit_ranges"
+def _free_prefix(graph: onnx.GraphProto, base: str) -> str:
+    """``base``, with underscores added until no tensor or node name of ``graph`` starts with it, so that the names
+    built on it cannot meet the model's own."""
+    names = {n.name for n in graph.node} | {t for n in graph.node for t in (*n.input, *n.output)}
+    names |= {t.name for t in graph.initializer} | {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
+    prefix = base
+    while any(n.startswith(prefix) for n in names):
+        prefix += "_"
+    return prefix
 
 
 def float_tensors(model: onnx.ModelProto) -> list[str]:
@@ -185,7 +193,8 @@ def float_tensors(model: onnx.ModelProto) -> list[str]:
 
 def ranges_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose only output is one float32 vector: the minimum and the maximum of each of
-    ``tensors`` (in graph order), interleaved (min 0, max 0, min 1, ...).
+    ``tensors`` (in graph order), interleaved (min 0, max 0, min 1, ...). The added names start with
+    ``qdqkit_ranges`` (with underscores appended where the model already has names starting so).
 
     The order of the added nodes matters for memory. onnxruntime's default execution order is a depth-first walk
     back from the outputs that takes a node's inputs by descending node index, and a node's index is its place in
@@ -200,25 +209,26 @@ def ranges_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     g = out.graph
     del g.output[:]
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input)}
-    one = "qdqkit_ranges_shape"
+    pre = _free_prefix(g, "qdqkit_ranges")
+    one = f"{pre}_shape"
     g.initializer.append(helper.make_tensor(one, TensorProto.INT64, [1], [1]))
-    extremes = [f"qdqkit_ranges/{i}/{kind}/1" for i in range(len(tensors)) for kind in ("min", "max")]
+    extremes = [f"{pre}/{i}/{kind}/1" for i in range(len(tensors)) for kind in ("min", "max")]
     chains = []
     for i, t in enumerate(tensors):
         chain = []
         src = t
         if types.get(t) != TensorProto.FLOAT:  # onnxruntime's CPU reductions do not all take float16
-            src = f"qdqkit_ranges/{i}/f32"
-            chain.append(helper.make_node("Cast", [t], [src], to=TensorProto.FLOAT, name=f"qdqkit_ranges/{i}/cast"))
+            src = f"{pre}/{i}/f32"
+            chain.append(helper.make_node("Cast", [t], [src], to=TensorProto.FLOAT, name=f"{pre}/{i}/cast"))
         for kind in ("Min", "Max"):
-            r = f"qdqkit_ranges/{i}/{kind.lower()}"
+            r = f"{pre}/{i}/{kind.lower()}"
             chain.append(helper.make_node(f"Reduce{kind}", [src], [r], name=f"{r}/reduce", keepdims=0))
             chain.append(helper.make_node("Reshape", [r, one], [f"{r}/1"], name=f"{r}/reshape"))
         chains.append(chain)
     for chain in reversed(chains):
         g.node.extend(chain)
-    g.node.append(helper.make_node("Concat", extremes, [_RANGES], axis=0, name="qdqkit_ranges/concat"))
-    g.output.append(helper.make_tensor_value_info(_RANGES, TensorProto.FLOAT, [2 * len(tensors)]))
+    g.node.append(helper.make_node("Concat", extremes, [pre], axis=0, name=f"{pre}/concat"))
+    g.output.append(helper.make_tensor_value_info(pre, TensorProto.FLOAT, [2 * len(tensors)]))
     return out
 
 
@@ -240,11 +250,12 @@ def tensor_ranges(model: onnx.ModelProto, registry: Any, source: CalibrationSour
     so.log_severity_level = 3
     session = registry.session(ranges_model(model, tensors), sess_options=so)
     feeds = {i.name for i in session.get_inputs()}
+    output = session.get_outputs()[0].name
     lo = np.full(len(tensors), np.inf, dtype=np.float32)
     hi = np.full(len(tensors), -np.inf, dtype=np.float32)
     for i in range(start, start + count):
         sample = source.sample(i)
-        both = session.run([_RANGES], {k: v for k, v in sample.items() if k in feeds})[0]
+        both = session.run([output], {k: v for k, v in sample.items() if k in feeds})[0]
         a, b = both[0::2], both[1::2]
         # minimum/maximum, not fmin/fmax: a NaN extreme onnxruntime does return is kept
         lo = np.minimum(lo, a)

@@ -119,6 +119,26 @@ def test_measured_ranges_are_every_tensors_extremes(files, session):
         np.testing.assert_allclose([lo, hi], [every[t].min(), every[t].max()], rtol=1e-5, atol=1e-6, err_msg=t)
 
 
+def test_ranges_of_a_model_whose_names_start_like_the_added_ones(session):
+    """The range run's own names must not meet the model's: here an input, a tensor and a node already carry the
+    names the range run would otherwise add."""
+    from qdqkit.calib import ArraySource, model_inputs
+    from qdqkit.precision import tensor_ranges
+
+    x, t, y = "qdqkit_ranges_shape", "qdqkit_ranges", "qdqkit_ranges/0/min/1"
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", [x], [t], name="qdqkit_ranges/concat"),
+         onnx.helper.make_node("Neg", [t], [y], name="qdqkit_ranges/0/min/reduce")],
+        "names", [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [2, 3])],
+        [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [2, 3])])
+    model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = np.array([[-2.0, 0.5, 3.0], [1.0, -4.0, 0.25]], dtype=np.float32)
+    source = ArraySource({x: data}, model_inputs(model), "test data")
+    ranges = tensor_ranges(model, session.custom_ops, source, 0, 1)
+    assert ranges == {x: (-4.0, 3.0), t: (0.0, 3.0), y: (-3.0, -0.0)}
+
+
 def test_ranges_run_reduces_each_tensor_while_the_model_runs(files, session):
     """onnxruntime runs each tensor's two reductions soon after the tensor is made (so it can be released), not
     after the whole model: with the other order of the added nodes it held every tensor to the end."""
