@@ -145,8 +145,9 @@ class Fp16Pass(Pass):
             "keep_io_types": o.keep_io_types,
             "named_nodes": renamed,
             "seconds": {"ranges": round(range_seconds, 3), "autocast": round(convert_seconds, 3)},
-            "notes": [] if source else [("no calibration data: activations were not checked against data_max; "
-                                         "give --calib to keep nodes with large values in FP32")],
+            "notes": ([] if source else [("no calibration data: activations were not checked against data_max; "
+                                          "give --calib to keep nodes with large values in FP32")])
+            + _subgraph_note(converted),
         }
         return PassResult(modified=True, stats=stats)
 
@@ -222,6 +223,24 @@ def _big_constants(model: onnx.ModelProto, init_max: float) -> set[str]:
             if any(t in big for t in n.input):
                 big.update(n.output)
     return big
+
+
+def _subgraph_note(model: onnx.ModelProto) -> list[str]:
+    """A note naming the main-graph nodes with bodies (If, Loop, Scan): AutoCast leaves every node of a body as it
+    is (FP32), so neither their ranges nor the rules are judged there, and the report should say so."""
+
+    def body_nodes(g: onnx.GraphProto) -> int:
+        return sum(1 + sum(body_nodes(a.g) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+                   + sum(body_nodes(b) for a in n.attribute for b in a.graphs) for n in g.node)
+
+    parents = {n.name: sum(body_nodes(a.g) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+               + sum(body_nodes(b) for a in n.attribute for b in a.graphs)
+               for n in model.graph.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                for a in n.attribute)}
+    if not parents:
+        return []
+    return [f"{sum(parents.values())} nodes inside the bodies of {', '.join(sorted(parents))} stay FP32 as they "
+            "are (AutoCast leaves subgraphs untyped; their ranges were not measured)"]
 
 
 def _fp32_nodes(model: onnx.ModelProto, excluded: set[str], beyond: set[str], big: set[str],

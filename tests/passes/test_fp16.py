@@ -370,3 +370,36 @@ def test_quiet_runs_print_nothing(files, capfd):
 
     streams = [getattr(h, "stream", None) for h in logging.getLogger("modelopt.onnx").handlers]
     assert streams and not any(isinstance(st, io.StringIO) for st in streams)
+
+
+def test_if_bodies_stay_fp32_and_the_report_says_so(tmp_path):
+    """AutoCast leaves the body of an If as it is: a branch whose values pass FP16's range (x * 1000, x = 100)
+    computes in FP32 and the output stays finite, and the report names the node whose body was not judged."""
+    from onnx import numpy_helper
+
+    c = numpy_helper.from_array(np.array([1000.0], np.float32), "c")
+    then_g = helper.make_graph([helper.make_node("Mul", ["x", "c"], ["big"], name="then_mul"),
+                                helper.make_node("Div", ["big", "c"], ["t_out"], name="then_div")], "then", [],
+                               [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [2, 3])], [c])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e_out"], name="else_neg")], "else", [],
+                               [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [2, 3])])
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    nodes = [helper.make_node("ReduceMax", ["x"], ["s"], name="max", keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+             helper.make_node("If", ["cond"], ["y0"], name="branch", then_branch=then_g, else_branch=else_g),
+             helper.make_node("Relu", ["y0"], ["y"], name="relu")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [zero])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.full((8, 3), 100.0, np.float32))
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main(["apply", str(tmp_path / "m.onnx"), "-o", str(out), "--passes", "fp16", "--calib",
+                 str(tmp_path / "c.npz"), "--calib-samples", "4", "--report", str(rep), "-q"]) == 0
+    stats = _step(json.loads(rep.read_text()), "fp16")
+    assert any("3 nodes inside the bodies of branch stay FP32" in n for n in stats["notes"])
+    q = onnx.load(out)
+    (node,) = [n for n in q.graph.node if n.op_type == "If"]
+    for a in node.attribute:
+        assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in a.g.output)
+    feed = {"x": np.full((2, 3), 100.0, np.float32)}
+    np.testing.assert_array_equal(ort.InferenceSession(str(out)).run(None, feed)[0], feed["x"])
