@@ -8,11 +8,13 @@ the pipeline files them with the step's record.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from qdqkit.hookspecs import hookimpl
 
@@ -91,6 +93,61 @@ class Instrumentation:
             "nodes_after": model.node_count(),
             "op_count_diff": {op: d for op, d in sorted(diff.items()) if d},
         })
+
+
+class LibraryWarnings(logging.Handler):
+    """Warnings that the libraries a run calls log through Python's logging (onnxruntime's quantizer logs through
+    the root logger, for one), for the report: each message once with its count. Shown on ``stream`` as they come
+    (each message once) when ``echo`` is set and no logger of their own printed them already; with ``echo`` off
+    (a quiet run) they only reach the report. Installed on the root logger for the ``with`` block, which also keeps
+    logging's last-resort printer from writing them."""
+
+    def __init__(self, echo: bool, stream: TextIO | None = None) -> None:
+        super().__init__(logging.WARNING)
+        self.echo, self.stream = echo, stream or sys.stderr
+        self.seen: dict[tuple[str, str], int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = (_source(record), record.getMessage())
+        self.seen[key] = self.seen.get(key, 0) + 1
+        if self.echo and self.seen[key] == 1 and not _shown_by_own_handler(record.name):
+            self.stream.write(f"qdqkit: warning from {key[0]}: {key[1]}\n")
+            self.stream.flush()
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [{"logger": name, "message": msg, "count": n} for (name, msg), n in self.seen.items()]
+
+    def __enter__(self) -> LibraryWarnings:
+        logging.getLogger().addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeHandler(self)
+
+
+def _source(record: logging.LogRecord) -> str:
+    """The logger's name, or for the root logger the package that logged (``logging.warning`` in a library)."""
+    if record.name != "root":
+        return record.name
+    parts = Path(record.pathname).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts and parts.index(marker) + 1 < len(parts):
+            return parts[parts.index(marker) + 1].removesuffix(".py")
+    return record.module
+
+
+def _shown_by_own_handler(name: str) -> bool:
+    """Whether a record of logger ``name`` met a handler before reaching the root logger (ModelOpt's loggers print
+    to stdout themselves)."""
+    log: logging.Logger | None = logging.getLogger(name)
+    root = logging.getLogger()
+    while log is not None and log is not root:
+        if log.handlers:
+            return True
+        if not log.propagate:
+            return False
+        log = log.parent  # type: ignore[assignment]
+    return False
 
 
 class Report:

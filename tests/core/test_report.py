@@ -60,3 +60,31 @@ def test_progress_redraws_a_status_line_on_terminals():
         time.sleep(1.2)
     text = out.getvalue()
     assert text.count("qdqkit: [1/1] simplify (") >= 1 and text.endswith("\r\x1b[K")
+
+
+@pytest.mark.parametrize("echo", [True, False])
+def test_library_warnings_reach_the_report_and_stderr_once(echo, capfd):
+    """A library's ``logging.warning`` (the root logger: onnxruntime's quantizer does that) is counted for the
+    report, shown once when not quiet, never by logging's last-resort printer; a logger with a handler of its own
+    (ModelOpt's) is counted and not shown twice; below WARNING nothing is kept."""
+    import logging
+
+    from qdqkit.report import LibraryWarnings
+
+    own = logging.getLogger("qdqkit-test-own")
+    handler = logging.StreamHandler(io.StringIO())
+    own.addHandler(handler)
+    stream = io.StringIO()
+    try:
+        with LibraryWarnings(echo=echo, stream=stream) as seen:
+            logging.warning("bias is not constant")
+            logging.warning("bias is not constant")
+            own.warning("printed by its own handler")
+            logging.getLogger("qdqkit-test-other").info("not kept")
+    finally:
+        own.removeHandler(handler)
+    entries = {(e["logger"], e["message"]): e["count"] for e in seen.to_list()}
+    assert entries == {("test_report", "bias is not constant"): 2, ("qdqkit-test-own", "printed by its own handler"): 1}
+    assert stream.getvalue() == ("qdqkit: warning from test_report: bias is not constant\n" if echo else "")
+    assert capfd.readouterr().err == ""  # not by logging's last resort either
+    assert seen not in logging.getLogger().handlers
