@@ -93,3 +93,18 @@ def test_int8_with_the_recipes_rules_validates(exported, rule, tmp_path):
     else:
         assert not {n.name for n in q.graph.node if n.op_type == "MatMul"} & fed
     assert "Conv" in {n.op_type for n in q.graph.node if n.name in fed}
+
+
+def test_fp16_typing_validates(exported, tmp_path):
+    """The fp16 pass on the same exports: every computed float tensor FP16 (nothing here is past data_max), and the
+    FP16 model validates against the float one."""
+    path, calib = exported
+    out, rep = tmp_path / "h.onnx", tmp_path / "r.json"
+    assert main(["apply", str(path), "-o", str(out), "--passes", "fp16,validate", "--calib", str(calib),
+                 "--calib-samples", "8", "--val-samples", "8", "--report", str(rep), "-q"]) == 0
+    report = json.loads(rep.read_text())
+    stats = next(p for p in report["passes"] if p["pass"] == "fp16")["stats"]
+    assert stats["fp32_node_count"] == 0 and "float" not in stats["tensors_by_precision"]
+    assert stats["tensors_by_precision"]["float16"] > 0
+    val = next(p for p in report["passes"] if p["pass"] == "validate")["stats"]
+    assert val["passed"] and all(o["cosine_min"] >= 0.999 for o in val["outputs"])
