@@ -225,18 +225,19 @@ def _big_constants(model: onnx.ModelProto, init_max: float) -> set[str]:
     return big
 
 
+def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + \
+        [g for a in node.attribute for g in a.graphs]
+
+
 def _subgraph_note(model: onnx.ModelProto) -> list[str]:
     """A note naming the main-graph nodes with bodies (If, Loop, Scan): AutoCast leaves every node of a body as it
     is (FP32), so neither their ranges nor the rules are judged there, and the report should say so."""
 
-    def body_nodes(g: onnx.GraphProto) -> int:
-        return sum(1 + sum(body_nodes(a.g) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
-                   + sum(body_nodes(b) for a in n.attribute for b in a.graphs) for n in g.node)
+    def count(g: onnx.GraphProto) -> int:
+        return sum(1 + sum(count(b) for b in _bodies(n)) for n in g.node)
 
-    parents = {n.name: sum(body_nodes(a.g) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
-               + sum(body_nodes(b) for a in n.attribute for b in a.graphs)
-               for n in model.graph.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                                                for a in n.attribute)}
+    parents = {n.name: sum(count(b) for b in _bodies(n)) for n in model.graph.node if _bodies(n)}
     if not parents:
         return []
     return [f"{sum(parents.values())} nodes inside the bodies of {', '.join(sorted(parents))} stay FP32 as they "

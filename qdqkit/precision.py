@@ -169,11 +169,21 @@ def check_plugin_precision(model: onnx.ModelProto, registry: Any, plan: dict[str
 
 # -- value ranges -----------------------------------------------------------------------------------------------
 
-def _free_prefix(graph: onnx.GraphProto, base: str) -> str:
-    """``base``, with underscores added until no tensor or node name of ``graph`` starts with it, so that the names
-    built on it cannot meet the model's own."""
+def _names(graph: onnx.GraphProto) -> set[str]:
+    """Every node and tensor name of ``graph`` and of the bodies of its nodes (one name scope in ONNX)."""
     names = {n.name for n in graph.node} | {t for n in graph.node for t in (*n.input, *n.output)}
     names |= {t.name for t in graph.initializer} | {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
+    for n in graph.node:
+        for a in n.attribute:
+            for body in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= _names(body)
+    return names
+
+
+def _free_prefix(graph: onnx.GraphProto, base: str) -> str:
+    """``base``, with underscores added until no name of ``graph`` (bodies included) starts with it, so that the
+    names built on it cannot meet the model's own."""
+    names = _names(graph)
     prefix = base
     while any(n.startswith(prefix) for n in names):
         prefix += "_"
