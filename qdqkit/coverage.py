@@ -2,8 +2,11 @@
 
 INT8 coverage is the share of the multiply-accumulate work of Conv, ConvTranspose, MatMul and Gemm nodes whose
 data input and weight input both arrive through a DequantizeLinear (Casts in between are looked through), i.e.
-the layers TensorRT can run in INT8 under explicit quantization. FLOPs come from ONNX shape inference (custom
-ops take part through their registered schemas); a node whose shapes are unknown counts zero FLOPs and is listed.
+the layers TensorRT can run in INT8 under explicit quantization. The ONNX ``Attention`` op (opset 23, what
+PyTorch's dynamo exporter writes for scaled-dot-product attention) counts its two products, Q·Kᵀ and ·V, with Q
+and K as its first two inputs, so that a model's coverage does not depend on whether its attention was exported
+decomposed (two MatMuls) or whole. FLOPs come from ONNX shape inference (custom ops take part through their
+registered schemas); a node whose shapes are unknown counts zero FLOPs and is listed.
 """
 
 from __future__ import annotations
@@ -16,17 +19,22 @@ import onnx
 
 from qdqkit.model import LIGHT_WEIGHTS, structure_only, weight_bytes
 
-COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Attention")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
     # shape inference needs types and shapes, not weight bytes: spare heavy models the copies onnx makes
     light = weight_bytes(model) < LIGHT_WEIGHTS
+    # data propagation carries shapes computed at run time (Shape -> Gather -> Concat -> Reshape, as the TorchScript
+    # exporter writes attention's head split) through to the MatMuls
     try:
-        inferred = onnx.shape_inference.infer_shapes(model if light else structure_only(model))
+        inferred = onnx.shape_inference.infer_shapes(model if light else structure_only(model), data_prop=True)
     except Exception:
-        inferred = model
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model if light else structure_only(model))
+        except Exception:
+            inferred = model
     out: dict[str, tuple[int, ...] | None] = {}
     g = inferred.graph
     for vi in list(g.value_info) + list(g.input) + list(g.output):
@@ -54,6 +62,14 @@ def _flops(node: onnx.NodeProto, shapes: dict[str, Any]) -> int | None:
         trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
         k = ins[0][0] if trans_a else ins[0][-1]
         return 2 * int(np.prod(out)) * int(k)
+    if node.op_type == "Attention":
+        # Q [B, Sq, Hq·Dk] or [B, Hq, Sq, Dk], K [..., Skv, ·], output [B, Sq, Hq·Dv] or [B, Hq, Sq, Dv]: Q·Kᵀ is
+        # 2·Skv MACs per element of Q, ·V 2·Skv per element of the output; a past key adds its length to Skv
+        kv = int(ins[1][-2])
+        past = shapes.get(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+        if past is not None:
+            kv += int(past[-2])
+        return 2 * kv * (int(np.prod(ins[0])) + int(np.prod(out)))
     return None
 
 

@@ -68,3 +68,27 @@ def test_heavy_model_is_summarised_from_its_structure(monkeypatch):
     # every weight data-less (threshold 0): the FLOPs must come from dims alone
     monkeypatch.setattr(coverage, "structure_only", lambda m: seen.append(1) or real(m, 0))
     assert qdq_summary(_model(True)) == light and seen == [1]
+
+
+@pytest.mark.parametrize("layout", ["3d", "4d"])
+def test_attention_op_counts_the_flops_of_its_two_matmuls(layout):
+    """The ONNX Attention op (opset 23) counts what the decomposed form's two MatMuls count: Q·Kᵀ and ·V, here
+    2 heads, 5 queries, 7 keys, Dk = 3, Dv = 4; its INT8 share when Q and K arrive through DequantizeLinear."""
+    B, H, Sq, Skv, Dk, Dv = 1, 2, 5, 7, 3, 4
+    want = 2 * B * H * Sq * Skv * Dk + 2 * B * H * Sq * Skv * Dv
+    if layout == "3d":
+        q, k, v, o = [B, Sq, H * Dk], [B, Skv, H * Dk], [B, Skv, H * Dv], [B, Sq, H * Dv]
+        attrs = {"q_num_heads": H, "kv_num_heads": H}
+    else:
+        q, k, v, o = [B, H, Sq, Dk], [B, H, Skv, Dk], [B, H, Skv, Dv], [B, H, Sq, Dv]
+        attrs = {}
+    s, z = numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")
+    nodes = [helper.make_node("QuantizeLinear", [t, "s", "z"], [f"{t}q"], name=f"q{t}") for t in ("Q", "K")]
+    nodes += [helper.make_node("DequantizeLinear", [f"{t}q", "s", "z"], [f"{t}d"], name=f"dq{t}") for t in ("Q", "K")]
+    nodes.append(helper.make_node("Attention", ["Qd", "Kd", "V"], ["Y"], name="attn", **attrs))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, sh)
+                                       for n, sh in (("Q", q), ("K", k), ("V", v))],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, o)], [s, z])
+    summary = qdq_summary(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]))
+    assert summary["compute"]["Attention"]["gflops"] * 1e9 == pytest.approx(want)
+    assert summary["int8_coverage"] == 1.0 and summary["unknown_shape_nodes"] == []
