@@ -25,7 +25,13 @@ from qdqkit.precision import (
     tensor_ranges,
     tensor_types,
 )
-from qdqkit.quant_backends import FLOAT_TYPES, MutedMessages, plugin_precision_plan, quiet_logger
+from qdqkit.quant_backends import (
+    AUTOCAST_NOISE,
+    FLOAT_TYPES,
+    MutedMessages,
+    plugin_precision_plan,
+    quiet_logger,
+)
 from qdqkit.rules import ExclusionRules, RuleOptions
 
 STATE_KEY = "fp16"
@@ -240,8 +246,8 @@ def _subgraph_note(model: onnx.ModelProto) -> list[str]:
     parents = {n.name: sum(count(b) for b in _bodies(n)) for n in model.graph.node if _bodies(n)}
     if not parents:
         return []
-    return [f"{sum(parents.values())} nodes inside the bodies of {', '.join(sorted(parents))} stay FP32 as they "
-            "are (AutoCast leaves subgraphs untyped; their ranges were not measured)"]
+    return [(f"{sum(parents.values())} nodes inside the bodies of {', '.join(sorted(parents))} stay FP32 as they "
+             "are (AutoCast leaves subgraphs untyped; their ranges were not measured)")]
 
 
 def _fp32_nodes(model: onnx.ModelProto, excluded: set[str], beyond: set[str], big: set[str],
@@ -329,11 +335,12 @@ def _autocast(model: onnx.ModelProto, keep: set[str], beyond: set[str], init_max
         save_model(model, src, external_data=proto_size(model) > TOOL_COPY_EXTERNAL_BYTES, durable=False)
         # data_max=inf: the range decisions are qdqkit's (KeptInFp32), so AutoCast's own reference run (random
         # inputs without data, TensorRT's provider for custom ops) is skipped. Its logger has a level of its own
-        # (INFO) under ModelOpt's: both lowered. Two warnings say nothing to act on: shared constants duplicated
-        # (AutoCast does that for any model that has them), and onnxscript's converter falling back to onnx's.
+        # (INFO) under ModelOpt's: both lowered. Warnings that say nothing to act on are muted: AutoCast's own
+        # (AUTOCAST_NOISE: shared constants duplicated, the opset raised), and onnxscript's converter falling back
+        # to onnx's.
         with ctx.custom_ops.installed_in_onnxruntime(), quiet_logger("modelopt.onnx"), \
                 quiet_logger("modelopt.onnx.autocast"), \
-                MutedMessages("modelopt.onnx.autocast", ("Shared constants were detected",)), \
+                MutedMessages("modelopt.onnx.autocast", AUTOCAST_NOISE), \
                 MutedMessages("onnxscript.version_converter", ("and fallback is enabled",)):
             return convert_to_mixed_precision(
                 onnx_path=str(src), low_precision_type="fp16", data_max=np.inf, init_max=init_max,

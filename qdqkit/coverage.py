@@ -28,13 +28,14 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
     light = weight_bytes(model) < LIGHT_WEIGHTS
     # data propagation carries shapes computed at run time (Shape -> Gather -> Concat -> Reshape, as the TorchScript
     # exporter writes attention's head split) through to the MatMuls
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model if light else structure_only(model), data_prop=True)
-    except Exception:
+    subject = model if light else structure_only(model)
+    inferred = model
+    for data_prop in (True, False):
         try:
-            inferred = onnx.shape_inference.infer_shapes(model if light else structure_only(model))
-        except Exception:
-            inferred = model
+            inferred = onnx.shape_inference.infer_shapes(subject, data_prop=data_prop)
+            break
+        except Exception:  # noqa: BLE001, S112 - an op whose inference fails leaves its shapes unknown, listed
+            continue
     out: dict[str, tuple[int, ...] | None] = {}
     g = inferred.graph
     for vi in list(g.value_info) + list(g.input) + list(g.output):
