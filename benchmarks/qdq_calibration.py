@@ -45,6 +45,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
+import inspect
 import io
 import json
 import os
@@ -135,9 +137,11 @@ VARIANTS = {
     "without-direct-histograms": {"direct_histograms": False},
     "without-read-ranges-only": {"read_ranges_only": False},
     "without-shape-probes": {"shape_probes": False},
-    "modelopt-as-it-comes": {"fold_constants": False, "running_ranges": False, "direct_histograms": False,
-                             "read_ranges_only": False, "shape_probes": False},
 }
+# every switch of patched_modelopt off (derived, so that a patch added later is off here too)
+VARIANTS["modelopt-as-it-comes"] = {
+    name: False for name in inspect.signature(
+        importlib.import_module("qdqkit.modelopt_compat").patched_modelopt).parameters}
 # the variant that leaves out the patch specific to each calibration method
 _WITHOUT = {"max": "without-running-ranges", "entropy": "without-direct-histograms"}
 
@@ -429,10 +433,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, nargs=2, default=(8, 264), metavar=("N1", "N2"),
                     help="the two calibration sizes whose difference gives the per-sample cost (default 8 264)")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats; the median counts (default 7)")
-    ap.add_argument("--compare", action="store_true",
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--compare", action="store_true",
                     help="also time ModelOpt without the method's own patch (5 for max, 6 and 7 for entropy), "
                          "without patch 8, and as it comes, interleaved in the same repeats")
-    ap.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), metavar="NAME",
+    which.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), metavar="NAME",
                     help=f"time these configurations, interleaved in the same repeats (the first is the one the "
                          f"others' scales are compared with): {', '.join(VARIANTS)}")
     ap.add_argument("--method", choices=("max", "entropy"), default="max",
@@ -444,6 +449,8 @@ def main() -> None:
     ap.add_argument("--histogram-only", action="store_true",
                     help="only patch 6's histogram of one tensor against np.histogram (128K to 8M values)")
     args = ap.parse_args()
+    if (args.bevformer or args.plain_runs is not None) and not args.time_only:
+        ap.error("--bevformer and --plain-runs time only with --time-only (the memory part uses the test model)")
     if args.histogram_only:
         print(json.dumps({"histogram": histogram_benchmark()}, indent=2))
         return

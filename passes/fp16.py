@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from qdqkit.calib import model_inputs, require, resolve_source
-from qdqkit.customops import default_opset
+from qdqkit.customops import default_opset, iter_nodes
 from qdqkit.errors import UserError
 from qdqkit.pass_infra import Pass, PassContext, PassResult
 from qdqkit.precision import (
@@ -231,23 +231,16 @@ def _big_constants(model: onnx.ModelProto, init_max: float) -> set[str]:
     return big
 
 
-def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + \
-        [g for a in node.attribute for g in a.graphs]
-
-
 def _subgraph_note(model: onnx.ModelProto) -> list[str]:
     """A note naming the main-graph nodes with bodies (If, Loop, Scan): AutoCast leaves every node of a body as it
     is (FP32), so neither their ranges nor the rules are judged there, and the report should say so."""
-
-    def count(g: onnx.GraphProto) -> int:
-        return sum(1 + sum(count(b) for b in _bodies(n)) for n in g.node)
-
-    parents = {n.name: sum(count(b) for b in _bodies(n)) for n in model.graph.node if _bodies(n)}
+    parents = sorted(n.name for n in model.graph.node
+                     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute))
     if not parents:
         return []
-    return [(f"{sum(parents.values())} nodes inside the bodies of {', '.join(sorted(parents))} stay FP32 as they "
-             "are (AutoCast leaves subgraphs untyped; their ranges were not measured)")]
+    inner = sum(1 for _ in iter_nodes(model.graph)) - len(model.graph.node)
+    return [(f"{inner} nodes inside the bodies of {', '.join(parents)} stay FP32 as they are (AutoCast leaves "
+             "subgraphs untyped; their ranges were not measured)")]
 
 
 def _fp32_nodes(model: onnx.ModelProto, excluded: set[str], beyond: set[str], big: set[str],

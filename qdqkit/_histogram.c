@@ -327,12 +327,11 @@ AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const f
         }
         if (!placed)
             break;
-        const Py_ssize_t count = kept;
         Py_ssize_t j = 0;
-        for (; j + SIMD_LANES <= count; j += SIMD_LANES)
+        for (; j + SIMD_LANES <= kept; j += SIMD_LANES)
             for (int l = 0; l < SIMD_LANES; l++)
                 sub[l * bins + idx[j + l]]++;
-        for (; j < count; j++)
+        for (; j < kept; j++)
             sub[idx[j]]++;
     }
     if (placed && zero_count)

@@ -251,9 +251,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     instrumentation = Instrumentation()
     session.pm.register(instrumentation, name="qdqkit-instrumentation")
     records: list[Any] = []
-    warnings = LibraryWarnings(echo=not args.quiet)
+    library_warnings = LibraryWarnings(echo=not args.quiet)
     try:
-        with warnings, tempfile.TemporaryDirectory(prefix="qdqkit-") as work:
+        with library_warnings, tempfile.TemporaryDirectory(prefix="qdqkit-") as work:
             ctx = PassContext(custom_ops=session.custom_ops, hook=session.hook, workdir=Path(work),
                               registries=session.registries, report=report, calib_spec=args.calib,
                               progress=progress)
@@ -264,7 +264,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 report.set("passes", [r.to_dict() for r in records])
                 _fill_state(report, ctx)
                 report.set("conversions", model.conversions)
-                report.set("library_warnings", warnings.to_list())
+                report.set("library_warnings", library_warnings.to_list())
             progress(f"[save] {out}")
             model.save(out, external_data=True if args.external_data else None)
     except ValidationFailed as exc:

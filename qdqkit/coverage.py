@@ -17,34 +17,23 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qdqkit.model import LIGHT_WEIGHTS, structure_only, weight_bytes
+from qdqkit.model import inferred_structure, static_shapes
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Attention")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
-    # shape inference needs types and shapes, not weight bytes: spare heavy models the copies onnx makes
-    light = weight_bytes(model) < LIGHT_WEIGHTS
     # data propagation carries shapes computed at run time (Shape -> Gather -> Concat -> Reshape, as the TorchScript
     # exporter writes attention's head split) through to the MatMuls
-    subject = model if light else structure_only(model)
     inferred = model
-    for data_prop in (True, False):
+    for kwargs in ({"data_prop": True}, {}):
         try:
-            inferred = onnx.shape_inference.infer_shapes(subject, data_prop=data_prop)
+            inferred = inferred_structure(model, **kwargs)
             break
         except Exception:  # noqa: BLE001, S112 - an op whose inference fails leaves its shapes unknown, listed
             continue
-    out: dict[str, tuple[int, ...] | None] = {}
-    g = inferred.graph
-    for vi in list(g.value_info) + list(g.input) + list(g.output):
-        dims = vi.type.tensor_type.shape.dim
-        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-            out[vi.name] = tuple(int(d.dim_value) for d in dims)
-    for t in g.initializer:
-        out[t.name] = tuple(t.dims)
-    return out
+    return {name: dims for name, (dims, _) in static_shapes(inferred.graph).items()}
 
 
 def _flops(node: onnx.NodeProto, shapes: dict[str, Any]) -> int | None:

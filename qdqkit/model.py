@@ -329,6 +329,19 @@ def inferred_structure(proto: onnx.ModelProto, fresh: bool = False, **kwargs: An
     return onnx.shape_inference.infer_shapes(subject, **kwargs)
 
 
+def static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], int]]:
+    """``{tensor: (dims, elem_type)}`` for every typed tensor of ``graph`` (value_info, inputs, outputs: an
+    inferred graph's) whose dimensions are all known numbers, and every initializer."""
+    out: dict[str, tuple[tuple[int, ...], int]] = {}
+    for vi in (*graph.value_info, *graph.input, *graph.output):
+        tt = vi.type.tensor_type
+        if tt.elem_type and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            out[vi.name] = (tuple(int(d.dim_value) for d in tt.shape.dim), tt.elem_type)
+    for t in graph.initializer:
+        out[t.name] = (tuple(t.dims), t.data_type)
+    return out
+
+
 def structure_only(proto: onnx.ModelProto, threshold: int = EXTERNAL_THRESHOLD) -> onnx.ModelProto:
     """A copy without the bytes of large initializers (dims and types kept), always under 2 GB.
 

@@ -122,8 +122,9 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      inference error keeps ModelOpt's inference. Tested: the same model byte for byte
      on an attention model where both probes decide something, and with a dynamic batch (the fallback); checked
      once on BEVFormer-tiny by a script not kept (bevformer-int8's and mha-excluded rules, serialized models
-     equal). Measured (RESULTS.md, ``benchmarks/qdq_calibration.py --bevformer --method entropy --variants shipped
-     without-shape-probes``): BEVFormer-tiny's fixed overhead 20.7 -> 16.8 s. ``PatchNotes`` says how many probes
+     equal). Measured (RESULTS.md, ``benchmarks/qdq_calibration.py --time-only --bevformer --method entropy --samples
+     2 6 --repeats 2 --plain-runs 3 --variants shipped without-shape-probes``): BEVFormer-tiny's fixed overhead
+     20.7 -> 16.8 s. ``PatchNotes`` says how many probes
      were answered.
 
 Not patched but handled by the caller (`run_in_private_dir`): ModelOpt rewrites its input file in place and drops
@@ -991,29 +992,21 @@ def _static_outputs(model: Any) -> dict[str, ShapeOnly] | None:
     import numpy as np
     from onnx import helper
 
-    from qdqkit.model import inferred_structure
+    from qdqkit.model import inferred_structure, static_shapes
 
     try:
         # fresh and strict: shapes the ops derive, never a stale declared one (onnx would merge leniently)
         inferred = inferred_structure(model, fresh=True, strict_mode=True, data_prop=True)
     except Exception:  # onnx raises several kinds here (schema, type, merge errors); any one means "no answer"
         return None
-    g = inferred.graph
     # an output ModelOpt added has no type of its own; inference types it in value_info (or in the output)
-    known = {vi.name: vi for vi in list(g.output) + list(g.input) + list(g.value_info)
-             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
-    inits = {t.name: t for t in g.initializer}
+    shapes = static_shapes(inferred.graph)
     out: dict[str, ShapeOnly] = {}
     for o in model.graph.output:
-        if o.name in inits:
-            t = inits[o.name]
-            out[o.name] = ShapeOnly(tuple(t.dims), np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)))
-            continue
-        tt = known[o.name].type.tensor_type if o.name in known else None
-        if tt is None or not tt.HasField("shape") or not all(d.HasField("dim_value") for d in tt.shape.dim):
+        if o.name not in shapes:
             return None
-        out[o.name] = ShapeOnly(tuple(d.dim_value for d in tt.shape.dim),
-                                np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)))
+        dims, elem_type = shapes[o.name]
+        out[o.name] = ShapeOnly(dims, np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)))
     return out
 
 
@@ -1046,8 +1039,8 @@ class PatchNotes:
     """What patches 8 and 9 did in the INT8 quantizations of a ``patched_modelopt`` block, as report lines (read
     them after ModelOpt has run)."""
 
-    def __init__(self, calls: list, probes: list | None = None) -> None:
-        self._calls, self._probes = calls, probes if probes is not None else []
+    def __init__(self, calls: list, probes: list) -> None:
+        self._calls, self._probes = calls, probes
 
     def lines(self) -> list[str]:
         out = [line for line in (c.note() for c in self._calls) if line]
@@ -1071,9 +1064,12 @@ class _Int8Call:
         self.unit_ranges: set[str] = set()
         self.observed: int | None = None
         self.calibrated: int | None = None
+        self.skipped: str | None = None  # why patch 8 left the call as it was
 
     def note(self) -> str | None:
         """One line for a report, or None where patch 8 did not apply."""
+        if self.skipped is not None:
+            return f"every tensor ModelOpt observes was calibrated: {self.skipped} (qdqkit patch 8 off for the call)"
         if self.observed is None:
             return None
         removed = f" or ({len(self.unit_ranges)}) whose Q/DQ it removes afterwards" if self.unit_ranges else ""
@@ -1089,10 +1085,10 @@ def _unit_range() -> Any:
     return TensorData(lowest=np.float32(-1), highest=np.float32(1))
 
 
-def _dry_run(original: Any, model_input: Any, args: tuple, kwargs: dict) -> tuple[set[str], Any] | None:
+def _dry_run(original: Any, model_input: Any, args: tuple, kwargs: dict) -> tuple[set[str], Any] | str:
     """The tensors whose ranges ModelOpt's quantizer reads when ``original`` (ModelOpt's ``quantize_static``) runs
     with these arguments, and the model it would write (kept in memory instead), found by running it with a
-    calibrator that calibrates nothing (every range [-1, 1]); None where that cannot tell (the dry run failed, or
+    calibrator that calibrates nothing (every range [-1, 1]); where that cannot tell, why (the dry run failed, or
     the quantizer listed every range)."""
     from onnxruntime.quantization import calibrate
     from onnxruntime.quantization.onnx_model import ONNXModel
@@ -1103,10 +1099,10 @@ def _dry_run(original: Any, model_input: Any, args: tuple, kwargs: dict) -> tupl
                        (ONNXModel, "save_model_to_file", lambda model, *_: written.append(model.model))), \
                 _recording_range_reads() as made:
             original(model_input, os.devnull, None, *args, **kwargs)
-    except Exception:
-        return None
+    except Exception as e:  # noqa: BLE001 - then patch 8 stays off for the call, and the report says why
+        return f"its dry run failed ({type(e).__name__}: {e})"
     if len(made) != 1 or made[0].listed or len(written) != 1:
-        return None
+        return "its dry run could not tell which ranges the quantizer reads"
     return set(made[0].read), written[0]
 
 
@@ -1161,7 +1157,9 @@ def _calibrating_only(original: Any) -> Any:
         call = _Int8Call.current
         with _shapes_inferred_once():
             dry = _dry_run(original, model_input, args, kwargs)
-            if dry is None:
+            if isinstance(dry, str):
+                if call is not None:
+                    call.skipped = dry
                 return original(model_input, model_output, calibration_data_reader, *args, **kwargs)
             read, dry_model = dry
             groups = (kwargs.get("extra_options") or {}).get("group_qdq_tensors") or {}
@@ -1274,33 +1272,27 @@ def patched_modelopt(fold_constants: bool = True, running_ranges: bool = True,
     patch 9. Yields the ``PatchNotes`` of the block."""
     check_version()
     with _LOCK, onnxruntime_quantization_restored():
-        saved: list[tuple[Any, str, Any]] = []
-        try:
-            from modelopt.onnx import trt_utils
+        from modelopt.onnx import trt_utils
 
-            merged = _merging_interpreter(trt_utils.interpret_trt_plugins_precision_flag)
-            for mod_name in _PRECISION_FLAG_USERS:
-                mod = importlib.import_module(mod_name)
-                current = getattr(mod, "interpret_trt_plugins_precision_flag", None)
-                if current is not None and not hasattr(current, "qdqkit_original"):
-                    saved.append((mod, "interpret_trt_plugins_precision_flag", current))
-                    mod.interpret_trt_plugins_precision_flag = merged
-            if not tensorrt_available():
-                from modelopt.onnx.autocast.graphsanitizer import GraphSanitizer
+        merged = _merging_interpreter(trt_utils.interpret_trt_plugins_precision_flag)
+        swaps = []  # patches 1 and 2, where an enclosing block has not applied them already
+        for mod_name in _PRECISION_FLAG_USERS:
+            mod = importlib.import_module(mod_name)
+            current = getattr(mod, "interpret_trt_plugins_precision_flag", None)
+            if current is not None and not hasattr(current, "qdqkit_original"):
+                swaps.append((mod, "interpret_trt_plugins_precision_flag", merged))
+        if not tensorrt_available():
+            from modelopt.onnx.autocast.graphsanitizer import GraphSanitizer
 
-                current = GraphSanitizer.find_custom_nodes
-                if current is not _find_custom_nodes_without_trt:
-                    saved.append((GraphSanitizer, "find_custom_nodes", current))
-                    GraphSanitizer.find_custom_nodes = _find_custom_nodes_without_trt
-            with calibration_sessions_folded() if fold_constants else contextlib.nullcontext(), \
-                    calibration_ranges_running() if running_ranges else contextlib.nullcontext(), \
-                    calibration_histograms_direct() if direct_histograms else contextlib.nullcontext(), \
-                    calibration_of_read_ranges_only() if read_ranges_only else contextlib.nullcontext([]) as calls, \
-                    shape_probes_inferred() if shape_probes else contextlib.nullcontext([]) as probes:
-                yield PatchNotes(calls, probes)
-        finally:
-            for owner, attr, value in reversed(saved):
-                setattr(owner, attr, value)
+            if GraphSanitizer.find_custom_nodes is not _find_custom_nodes_without_trt:
+                swaps.append((GraphSanitizer, "find_custom_nodes", _find_custom_nodes_without_trt))
+        with _replaced(*swaps), \
+                calibration_sessions_folded() if fold_constants else contextlib.nullcontext(), \
+                calibration_ranges_running() if running_ranges else contextlib.nullcontext(), \
+                calibration_histograms_direct() if direct_histograms else contextlib.nullcontext(), \
+                calibration_of_read_ranges_only() if read_ranges_only else contextlib.nullcontext([]) as calls, \
+                shape_probes_inferred() if shape_probes else contextlib.nullcontext([]) as probes:
+            yield PatchNotes(calls, probes)
 
 
 @contextlib.contextmanager

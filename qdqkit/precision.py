@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from qdqkit.calib import CalibrationSource, require
-from qdqkit.customops import TRT_PLUGIN_DOMAIN
+from qdqkit.customops import TRT_PLUGIN_DOMAIN, iter_graphs
 from qdqkit.errors import UserError
 from qdqkit.model import inferred_structure
 
@@ -170,13 +170,14 @@ def check_plugin_precision(model: onnx.ModelProto, registry: Any, plan: dict[str
 # -- value ranges -----------------------------------------------------------------------------------------------
 
 def _names(graph: onnx.GraphProto) -> set[str]:
-    """Every node and tensor name of ``graph`` and of the bodies of its nodes (one name scope in ONNX)."""
-    names = {n.name for n in graph.node} | {t for n in graph.node for t in (*n.input, *n.output)}
-    names |= {t.name for t in graph.initializer} | {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
-    for n in graph.node:
-        for a in n.attribute:
-            for body in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names |= _names(body)
+    """Every node and tensor name of ``graph``, its bodies' included (one name scope in ONNX)."""
+    names: set[str] = set()
+    for g in iter_graphs(graph):
+        names |= {t.name for t in g.initializer} | {v.name for v in (*g.input, *g.output, *g.value_info)}
+        for n in g.node:
+            names.add(n.name)
+            names.update(n.input)
+            names.update(n.output)
     return names
 
 

@@ -59,14 +59,14 @@ def test_conv_flops():
 
 
 def test_heavy_model_is_summarised_from_its_structure(monkeypatch):
-    import qdqkit.coverage as coverage
+    from qdqkit import model as qmodel
 
     light = qdq_summary(_model(True))
-    monkeypatch.setattr(coverage, "LIGHT_WEIGHTS", 1)  # treat the toy model as heavy
+    monkeypatch.setattr(qmodel, "LIGHT_WEIGHTS", 1)  # treat the toy model as heavy
     seen = []
-    real = coverage.structure_only
+    real = qmodel.structure_only
     # every weight data-less (threshold 0): the FLOPs must come from dims alone
-    monkeypatch.setattr(coverage, "structure_only", lambda m: seen.append(1) or real(m, 0))
+    monkeypatch.setattr(qmodel, "structure_only", lambda m: seen.append(1) or real(m, 0))
     assert qdq_summary(_model(True)) == light and seen == [1]
 
 

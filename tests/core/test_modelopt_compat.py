@@ -168,10 +168,10 @@ def _residual_model() -> onnx.ModelProto:
 
 def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = False, method: str = "max",
                         direct: bool = False, shrinking: bool = False, read_only: bool = False,
-                        model=_conv_mlp_model, reader=None, high: str = "fp32") -> dict:
-    """Quantize the test model with the given patches; record what the calibration did. The samples are scaled up
-    one after the other (every sample widens the ranges), or down with ``shrinking``; they go to ModelOpt as
-    arrays, or through a reader of the class ``reader``."""
+                        model=_conv_mlp_model, reader=None, high: str = "fp32", probes: bool = True) -> dict:
+    """Quantize the test model with the given patches (``probes``: patch 9); record what the calibration did. The
+    samples are scaled up one after the other (every sample widens the ranges), or down with ``shrinking``; they go
+    to ModelOpt as arrays, or through a reader of the class ``reader``."""
     import weakref
 
     import numpy as np
@@ -218,7 +218,8 @@ def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = Fa
     HistogramCollector.compute_collection_result = spy_result
     try:
         with modelopt_compat.patched_modelopt(fold_constants=fold, running_ranges=running,
-                                              direct_histograms=direct, read_ranges_only=read_only) as notes, \
+                                              direct_histograms=direct, read_ranges_only=read_only,
+                                              shape_probes=probes) as notes, \
                 modelopt_compat.run_in_private_dir(tmp_path) as d:
             proto = model()
             onnx.save(proto, d / "m.onnx")
@@ -265,7 +266,7 @@ class _Rewinding(_Once):
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
     """ModelOpt's own calibration path, every calibration patch off."""
-    return _quantize_recording(tmp_path_factory.mktemp("upstream"), fold=False, running=False)
+    return _quantize_recording(tmp_path_factory.mktemp("upstream"), fold=False, running=False, probes=False)
 
 
 def _assert_same_scales(got: dict, want: dict) -> None:
@@ -656,7 +657,7 @@ def _assert_same_histograms_of(got: dict, want: dict) -> None:
 def upstream_entropy(tmp_path_factory):
     """ModelOpt's own entropy calibration, every calibration patch off."""
     return _quantize_recording(tmp_path_factory.mktemp("upstream_entropy"), fold=False, running=False,
-                               method="entropy")
+                               method="entropy", probes=False)
 
 
 def _spy_patch6(monkeypatch) -> dict:
@@ -716,7 +717,7 @@ def test_entropy_histograms_merged_in_one_pass_are_modelopts(tmp_path, level, mo
     (tmp_path / "upstream").mkdir()
     (tmp_path / "patched").mkdir()
     upstream = _quantize_recording(tmp_path / "upstream", fold=False, running=False, method="entropy",
-                                   shrinking=True)
+                                   shrinking=True, probes=False)
     for _ in _native_at(level):
         seen = _spy_patch6(monkeypatch)
         rec = _quantize_recording(tmp_path / "patched", fold=False, running=False, method="entropy", direct=True,
@@ -742,7 +743,8 @@ def test_entropy_calibration_holds_a_samples_tensors_into_the_next_run_upstream_
     # upstream, the loop's locals keep every observed tensor of a sample alive while the next sample runs (twice
     # the activations at once, and onnxruntime's arena grows to hold both)
     assert max(upstream_entropy["alive"]) > 0
-    rec = _quantize_recording(tmp_path, fold=True, running=True, method="entropy", direct=True)
+    # (patch 9 off on both sides: its answered shape probe would be one run fewer)
+    rec = _quantize_recording(tmp_path, fold=True, running=True, method="entropy", direct=True, probes=False)
     assert len(rec["alive"]) == len(upstream_entropy["alive"]) >= _SAMPLES and max(rec["alive"]) == 0
     assert getattr(ort_patching._collect_data_histogram_calibrator, "qdqkit_original", None) is None  # restored
     _assert_same_histograms(rec["histograms"], upstream_entropy["histograms"])
@@ -804,7 +806,7 @@ def _assert_same_model(got, want) -> None:
 def upstream_residual(tmp_path_factory):
     """ModelOpt's own entropy calibration of the residual model, every calibration patch off."""
     return _quantize_recording(tmp_path_factory.mktemp("upstream_residual"), fold=False, running=False,
-                               method="entropy", model=_residual_model)
+                               method="entropy", model=_residual_model, probes=False)
 
 
 def test_modelopt_calibrates_ranges_its_quantizer_never_reads_upstream(upstream_entropy, upstream_residual):
@@ -818,7 +820,8 @@ def test_modelopt_calibrates_ranges_its_quantizer_never_reads_upstream(upstream_
 @pytest.mark.parametrize("method", ["entropy", "max"])
 def test_calibration_of_read_ranges_only_gives_modelopts_model(tmp_path, method, upstream_residual, recwarn):
     want = upstream_residual if method == "entropy" else \
-        _quantize_recording(tmp_path / "upstream", fold=False, running=False, method=method, model=_residual_model)
+        _quantize_recording(tmp_path / "upstream", fold=False, running=False, method=method, model=_residual_model,
+                            probes=False)
     rec = _quantize_recording(tmp_path, fold=False, running=False, method=method, model=_residual_model,
                               read_only=True)
     # the same model, Q/DQ and scales byte for byte, at the first attempt
@@ -833,7 +836,6 @@ def test_calibration_of_read_ranges_only_gives_modelopts_model(tmp_path, method,
         assert rec["notes"] == [f"calibrated 3 of the {len(want['histograms'])} tensors ModelOpt observes; the other "
                                 f"{len(want['histograms']) - 3} are tensors whose ranges its quantizer does not read or "
                                 "(1) whose Q/DQ it removes afterwards (qdqkit patch 8; the same model)"]
-    assert want["notes"] == []  # nothing said where patch 8 is off
 
 
 def test_calibration_of_read_ranges_only_with_every_patch_gives_modelopts_model(tmp_path, upstream_entropy,
@@ -842,7 +844,7 @@ def test_calibration_of_read_ranges_only_with_every_patch_gives_modelopts_model(
         rec = _quantize_recording(tmp_path / method, fold=True, running=True, direct=True, method=method,
                                   read_only=True)
         _assert_same_scales(rec["scales"], want["scales"])
-        assert [n.op_type for n in rec["model"].graph.node] == [n.op_type for n in want["model"].graph.node]
+        _assert_same_model(rec["model"], want["model"])
         if method == "entropy":
             assert len(rec["histograms"]) < len(upstream_entropy["histograms"])
     assert not [w for w in recwarn if "patch 8" in str(w.message)]
@@ -1032,3 +1034,20 @@ def test_a_shape_probe_answer_ignores_a_stale_declared_shape():
     m.graph.output.extend([onnx.ValueInfoProto(name="q"), onnx.ValueInfoProto(name="x")])  # as ModelOpt adds them
     got = modelopt_compat._static_outputs(m)
     assert {k: v.shape for k, v in got.items()} == {"y": (1, 600, 8), "q": (1, 600, 32), "x": (1, 600, 32)}
+
+
+def test_a_failing_dry_run_leaves_the_call_as_it_was_and_the_report_says_why(tmp_path, monkeypatch,
+                                                                             upstream_residual):
+    """Where patch 8's dry run fails, the call calibrates every tensor (ModelOpt's own model) and the report line
+    names the failure, instead of patch 8 switching itself off in silence."""
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("no dry run today")
+
+    monkeypatch.setattr(modelopt_compat._UnitRanges, "__init__", broken)
+    rec = _quantize_recording(tmp_path, fold=False, running=False, method="entropy", model=_residual_model,
+                              read_only=True, probes=False)
+    _assert_same_model(rec["model"], upstream_residual["model"])
+    assert set(rec["histograms"]) == set(upstream_residual["histograms"])
+    assert rec["notes"] == ["every tensor ModelOpt observes was calibrated: its dry run failed (RuntimeError: no dry "
+                            "run today) (qdqkit patch 8 off for the call)"]

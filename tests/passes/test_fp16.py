@@ -403,3 +403,22 @@ def test_if_bodies_stay_fp32_and_the_report_says_so(tmp_path):
         assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in a.g.output)
     feed = {"x": np.full((2, 3), 100.0, np.float32)}
     np.testing.assert_array_equal(ort.InferenceSession(str(out)).run(None, feed)[0], feed["x"])
+
+
+def test_range_run_names_avoid_names_inside_bodies():
+    """Names in an If body (here an unused initializer of its branch) share the model's name scope: the range
+    run's prefix must avoid them too."""
+    from onnx import numpy_helper
+
+    from qdqkit.precision import _free_prefix
+
+    body = helper.make_graph([helper.make_node("Identity", ["x"], ["t"], name="id")], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1])],
+                             [numpy_helper.from_array(np.zeros(1, np.float32), "qdqkit_ranges_unused")])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"], name="neg")], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1])])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], name="branch", then_branch=body, else_branch=other)],
+                          "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    assert _free_prefix(g, "qdqkit_ranges") == "qdqkit_ranges__"  # "qdqkit_ranges_" starts the body's name
