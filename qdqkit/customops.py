@@ -638,33 +638,31 @@ def default_opset(model: onnx.ModelProto) -> int:
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
 
+def _bodies(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The body graphs of ``node`` (If/Loop/Scan, and rarely a custom-domain op)."""
+    if node.op_type not in _SUBGRAPH_OPS and node.domain in STANDARD_DOMAINS:
+        return  # only control flow carries subgraphs among standard ops: skip the attribute scan elsewhere
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and every body graph of its nodes (If/Loop/Scan), depth first."""
+    """``graph`` and every body graph of its nodes, depth first."""
     yield graph
     for node in graph.node:
-        if node.op_type not in _SUBGRAPH_OPS and node.domain in STANDARD_DOMAINS:
-            continue
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_graphs(g)
+        for body in _bodies(node):
+            yield from iter_graphs(body)
 
 
 def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """All nodes of ``graph`` and of its subgraphs (If/Loop/Scan bodies), depth first."""
     for node in graph.node:
         yield node
-        # only control flow (and, rarely, custom-domain ops) carries subgraphs: skip the attribute scan elsewhere
-        if node.op_type not in _SUBGRAPH_OPS and node.domain in STANDARD_DOMAINS:
-            continue
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_nodes(g)
+        for body in _bodies(node):
+            yield from iter_nodes(body)
 
 
 def _is_standard_node(node: onnx.NodeProto) -> bool:
