@@ -25,13 +25,7 @@ from qdqkit.precision import (
     tensor_ranges,
     tensor_types,
 )
-from qdqkit.quant_backends import (
-    AUTOCAST_NOISE,
-    FLOAT_TYPES,
-    MutedMessages,
-    plugin_precision_plan,
-    quiet_logger,
-)
+from qdqkit.quant_backends import FLOAT_TYPES, modelopt_quiet, plugin_precision_plan
 from qdqkit.rules import ExclusionRules, RuleOptions
 
 STATE_KEY = "fp16"
@@ -327,14 +321,8 @@ def _autocast(model: onnx.ModelProto, keep: set[str], beyond: set[str], init_max
         src = tmp / "model.onnx"
         save_model(model, src, external_data=proto_size(model) > TOOL_COPY_EXTERNAL_BYTES, durable=False)
         # data_max=inf: the range decisions are qdqkit's (KeptInFp32), so AutoCast's own reference run (random
-        # inputs without data, TensorRT's provider for custom ops) is skipped. Its logger has a level of its own
-        # (INFO) under ModelOpt's: both lowered. Warnings that say nothing to act on are muted: AutoCast's own
-        # (AUTOCAST_NOISE: shared constants duplicated, the opset raised), and onnxscript's converter falling back
-        # to onnx's.
-        with ctx.custom_ops.installed_in_onnxruntime(), quiet_logger("modelopt.onnx"), \
-                quiet_logger("modelopt.onnx.autocast"), \
-                MutedMessages("modelopt.onnx.autocast", AUTOCAST_NOISE), \
-                MutedMessages("onnxscript.version_converter", ("and fallback is enabled",)):
+        # inputs without data, TensorRT's provider for custom ops) is skipped
+        with ctx.custom_ops.installed_in_onnxruntime(), modelopt_quiet():
             return convert_to_mixed_precision(
                 onnx_path=str(src), low_precision_type="fp16", data_max=np.inf, init_max=init_max,
                 keep_io_types=keep_io_types, custom_rule=KeptInFp32(), providers=["cpu"],

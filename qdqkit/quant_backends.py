@@ -101,9 +101,7 @@ class ModelOptBackend:
             external = proto_size(model) > TOOL_COPY_EXTERNAL_BYTES
             save_model(model, src, external_data=external, durable=False)  # ModelOpt's private copy
             job.custom_ops.register_onnx_schemas()
-            with job.custom_ops.installed_in_onnxruntime(), quiet_logger("modelopt"), \
-                    MutedMessages("modelopt.onnx", _EXPECTED), \
-                    MutedMessages("modelopt.onnx.autocast", AUTOCAST_NOISE), calibrator_prints_muted():
+            with job.custom_ops.installed_in_onnxruntime(), modelopt_quiet():
                 quantize(
                     onnx_path=str(src),
                     quantize_mode="int8",
@@ -191,6 +189,18 @@ def calibrator_prints_muted() -> Any:
             calibrate.print = before  # type: ignore[attr-defined]
         else:
             del calibrate.print
+
+
+@contextlib.contextmanager
+def modelopt_quiet() -> Any:
+    """What a call into ModelOpt (INT8 quantization, AutoCast) may say, brought down to what concerns the user, for
+    both passes that make one: its loggers at WARNING (they log every step at INFO), the warnings that say nothing
+    to act on muted (``_EXPECTED``, ``AUTOCAST_NOISE``, onnxscript's converter falling back to onnx's), and
+    onnxruntime's calibrator prints."""
+    with quiet_logger("modelopt"), quiet_logger("modelopt.onnx"), quiet_logger("modelopt.onnx.autocast"), \
+            MutedMessages("modelopt.onnx", _EXPECTED), MutedMessages("modelopt.onnx.autocast", AUTOCAST_NOISE), \
+            MutedMessages("onnxscript.version_converter", ("and fallback is enabled",)), calibrator_prints_muted():
+        yield
 
 
 class MutedMessages(logging.Filter):
