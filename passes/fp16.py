@@ -10,11 +10,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qdqkit.calib import model_inputs, require, resolve_source
+from qdqkit.calib import model_inputs, resolve_source
+from qdqkit.coverage import QDQ_OPS
 from qdqkit.customops import default_opset, iter_nodes
 from qdqkit.errors import UserError
 from qdqkit.pass_infra import Pass, PassContext, PassResult
 from qdqkit.precision import (
+    FLOAT_ELEM_TYPES,
     as_trt_would_see_it,
     check_plugin_precision,
     check_runnable,
@@ -30,7 +32,6 @@ from qdqkit.rules import ExclusionRules, RuleOptions
 
 STATE_KEY = "fp16"
 _FP16_MAX = float(np.finfo(np.float16).max)
-_QDQ = ("QuantizeLinear", "DequantizeLinear")
 # the output's least opset: CastLike (15) lets the custom ops' CPU functions return FP16 for FP16 inputs, and the
 # LayerNormalization that AutoCast makes of a decomposed one is 17
 _MIN_OPSET = 17
@@ -41,13 +42,13 @@ class Fp16Options(RuleOptions):
     """Options of the ``fp16`` pass (CLI flags and TOML keys of the same names map onto these).
 
     The exclusion rules (``exclude_*``, ``optional_rules``) name nodes kept in FP32, as for ``qdq``. With
-    calibration data, ``samples`` samples are run first and every node with an input or output whose magnitude
+    calibration data, ``calib_samples`` samples are run first and every node with an input or output whose magnitude
     exceeds ``data_max`` stays FP32; without it no activation is checked (the report says so). A node with an
     initializer beyond ``init_max`` stays FP32. ``keep_io_types`` keeps the model's inputs and outputs float32.
     ``plugin_precision`` maps a custom op type to "fp16" or "fp32" (every float input and output).
     """
 
-    samples: int = 16
+    calib_samples: int = 16
     data_max: float = 512.0
     init_max: float = _FP16_MAX
     keep_io_types: bool = True
@@ -65,7 +66,7 @@ class Fp16Pass(Pass):
     3. ModelOpt's AutoCast converts a private copy in which custom ops sit in ``trt.plugins`` with typed, shaped
        outputs, and inserts the Casts between the two precisions; domains are restored afterwards.
     4. Every custom node is checked for the precision planned for it; the report lists the FP32 nodes by reason.
-    Samples ``[0, samples)`` measure ranges; ``validate`` takes the ones after them.
+    Samples ``[0, calib_samples)`` measure ranges; ``validate`` takes the ones after them.
     """
 
     name = "fp16"
@@ -81,7 +82,7 @@ class Fp16Pass(Pass):
         registry.register_onnx_schemas()
         proto = onnx.ModelProto()
         proto.CopyFrom(model.proto)
-        if any(n.op_type in _QDQ for n in proto.graph.node):
+        if any(n.op_type in QDQ_OPS for n in proto.graph.node):
             raise UserError("the fp16 pass types a float model, and this one has Q/DQ nodes: for INT8 with FP16 "
                             "elsewhere use `qdq --high-precision fp16` instead")
         renamed = name_nodes(proto)
@@ -99,9 +100,8 @@ class Fp16Pass(Pass):
         if ctx.calib_spec:
             check_runnable(proto, registry, purpose="measuring value ranges runs the model")
             source = resolve_source(ctx.calib_spec, model_inputs(proto), ctx.hook)
-            require(source, 0, o.samples, "range measurement")
-            ctx.say(f"fp16: measuring value ranges on {o.samples} samples of {source.describe()}")
-            ranges = tensor_ranges(proto, registry, source, 0, o.samples, float_tensors(work))
+            ctx.say(f"fp16: measuring value ranges on {o.calib_samples} samples of {source.describe()}")
+            ranges = tensor_ranges(proto, registry, source, 0, o.calib_samples, float_tensors(work))
         range_seconds = time.perf_counter() - t0
 
         beyond = {t for t, (lo, hi) in ranges.items() if _beyond(lo, hi, o.data_max)}
@@ -119,18 +119,17 @@ class Fp16Pass(Pass):
         _check_kept(converted, types, keep, beyond | big, io)
         plugin_check = check_plugin_precision(converted, registry, plan, kept_plan, types)
 
-        ctx.state[STATE_KEY] = {"float_model": proto, "source": source, "calib_samples": o.samples if source else 0}
+        ctx.state[STATE_KEY] = {"float_model": proto, "source": source, "calib_samples": o.calib_samples if source else 0}
         model.set_proto(converted)
         fp32_out = sorted(n.name for n in converted.graph.node if n.op_type != "Cast"
                           and any(types.get(t) == onnx.TensorProto.FLOAT for t in n.output))
         present = {n.name for n in converted.graph.node}
         stats = {
-            "ranges": {"source": source.describe() if source else None, "samples": o.samples if source else 0,
-                       "tensors": len(ranges), "data_max": o.data_max, "seconds": round(range_seconds, 3),
+            "ranges": {"source": source.describe() if source else None, "samples": o.calib_samples if source else 0,
+                       "tensors": len(ranges), "data_max": o.data_max,
                        "beyond_data_max": sorted(beyond)},
             "rules": resolution.to_dict(),
             "fp32_nodes": {reason: sorted(names) for reason, names in reasons.items()},
-            "fp32_node_count": len(keep),
             # what the output holds: nodes computing float32 (Casts aside), and kept nodes AutoCast's clean-up
             # replaced (a decomposed LayerNorm fused into one node is judged by its own inputs and outputs)
             "fp32_in_output": fp32_out,
@@ -153,8 +152,8 @@ class Fp16Pass(Pass):
 
 
 def _check_options(o: Fp16Options) -> None:
-    if not isinstance(o.samples, int) or o.samples < 1:
-        raise UserError(f"fp16: samples must be a positive integer, got {o.samples!r}")
+    if not isinstance(o.calib_samples, int) or o.calib_samples < 1:
+        raise UserError(f"fp16: calib_samples must be a positive integer, got {o.calib_samples!r}")
     for key in ("data_max", "init_max"):
         value = getattr(o, key)
         if not isinstance(value, (int, float)) or not value > 0:
@@ -188,11 +187,8 @@ def _big_constants(model: onnx.ModelProto, init_max: float) -> set[str]:
     must hold whichever name survives."""
     from onnx import numpy_helper
 
-    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                   onnx.TensorProto.BFLOAT16)
-
     def large(t: onnx.TensorProto) -> bool:
-        if t.data_type not in float_types:
+        if t.data_type not in FLOAT_ELEM_TYPES:
             return False
         a = numpy_helper.to_array(t)
         return bool(a.size and np.nanmax(np.abs(a)) > init_max)
@@ -271,10 +267,14 @@ def _kept_custom_nodes(model: onnx.ModelProto, keep: set[str], reasons: dict[str
         want = fp32_plan.get(node.op_type, {})
         not_fp32 = sorted(io for io in floats if want.get(io) != "fp32")
         if not_fp32:
-            hint = ("its formats need FP16 there and FP32 elsewhere, and the fp16 pass sets a custom op's precision "
-                    "as a whole: use `qdq --high-precision fp16` with a per-input --plugin-precision"
-                    if why[node.name] == "plugin" else
-                    "raise --data-max or leave the node out of the exclusion rules")
+            hint = {
+                "plugin": "its formats need FP16 there and FP32 elsewhere, and the fp16 pass sets a custom op's "
+                          "precision as a whole: use `qdq --high-precision fp16` with a per-input --plugin-precision",
+                "rule": "leave the node out of the exclusion rules",
+                "range": "raise --data-max",
+                "initializer": "a constant it takes is beyond FP16's range (the pass option init_max), and the "
+                               "plugin cannot take it in FP32",
+            }[why[node.name]]
             raise UserError(f"fp16: custom node {node.name} would stay FP32 ({why[node.name]}), but its TensorRT "
                             f"formats give {', '.join(not_fp32)} no fp32: {hint}")
         out[node.name] = dict(want)

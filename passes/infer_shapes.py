@@ -81,7 +81,7 @@ class InferShapesPass(Pass):
                 guesses = _guess(inferred, targets)
                 stats["guessed"] = [{"tensor": g.name, "op": op} for g, op in guesses]
                 inferred = _infer(proto, [g for g, _ in guesses], opts.data_prop)
-        modified = _adopt(proto, inferred)
+        modified = qmodel.adopt_inferred(proto, inferred)
         untyped, unshaped = _gaps(proto)
         stats.update({"value_info": len(proto.graph.value_info), "untyped": len(untyped),
                       "unshaped": len(unshaped)})
@@ -116,24 +116,6 @@ def _infer(proto: onnx.ModelProto, hints: list[onnx.ValueInfoProto], data_prop: 
             return onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False,
                                                      data_prop=data_prop)
         raise UserError(f"shape inference failed: {first}") from None
-
-
-def _adopt(proto: onnx.ModelProto, inferred: onnx.ModelProto) -> bool:
-    """Take over the inferred value_info and output types; True if anything differs from before."""
-    graph_io = {v.name for v in (*proto.graph.input, *proto.graph.output)} | {t.name for t in proto.graph.initializer}
-    new = [v for v in inferred.graph.value_info if v.name not in graph_io]
-    old = proto.graph.value_info
-    changed = len(new) != len(old) or any(a != b for a, b in zip(old, new))
-    if changed:
-        del proto.graph.value_info[:]
-        proto.graph.value_info.extend(new)
-    outputs = {o.name: o for o in inferred.graph.output}
-    for out in proto.graph.output:
-        fresh = outputs.get(out.name)
-        if fresh is not None and fresh.type.HasField("tensor_type") and fresh.type != out.type:
-            out.type.CopyFrom(fresh.type)
-            changed = True
-    return changed
 
 
 def _gaps(proto: onnx.ModelProto) -> tuple[list[str], list[str]]:

@@ -163,10 +163,9 @@ def _cli_options(args: argparse.Namespace, present: set[str]) -> dict[str, dict[
            "backend": args.backend}
     fp16 = {"data_max": args.data_max, "keep_io_types": None if args.fp16_io is None else not args.fp16_io}
     takers = [name for name in ("qdq", "fp16") if name in present] or ["qdq"]
-    for name, opts, samples in (("qdq", qdq, "calib_samples"), ("fp16", fp16, "samples")):
+    for name, opts in (("qdq", qdq), ("fp16", fp16)):
         if name in takers:
-            opts.update(shared)
-            opts[samples] = args.calib_samples
+            opts.update(shared, calib_samples=args.calib_samples)
     validate = {"samples": args.val_samples, "min_cosine": args.min_cosine}
     shapes = {"fallback": args.shape_fallback}
     return {name: {k: v for k, v in opts.items() if v is not None}
@@ -175,7 +174,6 @@ def _cli_options(args: argparse.Namespace, present: set[str]) -> dict[str, dict[
 
 _FLAG_OF = {"samples": "--val-samples", "fallback": "--shape-fallback", "exclude_patterns": "--exclude-pattern",
             "optional_rules": "--optional-rule", "keep_io_types": "--fp16-io"}
-_FP16_FLAG_OF = {"samples": "--calib-samples"}  # the fp16 pass's `samples` (validate's is --val-samples)
 
 
 def _plugin_precision(values: list[str] | None) -> dict[str, str] | None:
@@ -227,8 +225,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     cli_options = _cli_options(args, present)
     for pass_name, opts in cli_options.items():
         if opts and pass_name not in present:
-            names = {**_FLAG_OF, **_FP16_FLAG_OF} if pass_name == "fp16" else _FLAG_OF
-            flags = ", ".join(names.get(k, "--" + k.replace("_", "-")) for k in opts)
+            flags = ", ".join(_FLAG_OF.get(k, "--" + k.replace("_", "-")) for k in opts)
             hint = " (the default recipe runs qdq and validate only with --calib)" if pass_name in ("qdq", "validate") \
                 else ""
             raise UserError(f"{flags} set options of the '{pass_name}' step, which this pipeline ({origin}) does not "

@@ -329,6 +329,25 @@ def inferred_structure(proto: onnx.ModelProto, fresh: bool = False, **kwargs: An
     return onnx.shape_inference.infer_shapes(subject, **kwargs)
 
 
+def adopt_inferred(proto: onnx.ModelProto, inferred: onnx.ModelProto) -> bool:
+    """Take over (in place) the value_info and graph-output types that shape inference gave ``inferred``, a copy of
+    ``proto`` (possibly without its weights); True if anything differs from before."""
+    graph_io = {v.name for v in (*proto.graph.input, *proto.graph.output)} | {t.name for t in proto.graph.initializer}
+    new = [v for v in inferred.graph.value_info if v.name not in graph_io]
+    old = proto.graph.value_info
+    changed = len(new) != len(old) or any(a != b for a, b in zip(old, new))
+    if changed:
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(new)
+    outputs = {o.name: o for o in inferred.graph.output}
+    for out in proto.graph.output:
+        fresh = outputs.get(out.name)
+        if fresh is not None and fresh.type.HasField("tensor_type") and fresh.type != out.type:
+            out.type.CopyFrom(fresh.type)
+            changed = True
+    return changed
+
+
 def static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], int]]:
     """``{tensor: (dims, elem_type)}`` for every typed tensor of ``graph`` (value_info, inputs, outputs: an
     inferred graph's) whose dimensions are all known numbers, and every initializer."""

@@ -16,12 +16,13 @@ import onnx
 from onnx import TensorProto, helper
 
 from qdqkit.calib import CalibrationSource, require
+from qdqkit.coverage import QDQ_OPS
 from qdqkit.customops import TRT_PLUGIN_DOMAIN, iter_graphs
 from qdqkit.errors import UserError
-from qdqkit.model import inferred_structure
+from qdqkit.model import adopt_inferred, inferred_structure
 
 ONNX_PRECISION = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16", TensorProto.INT8: "int8"}
-_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+FLOAT_ELEM_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
 def name_nodes(model: onnx.ModelProto) -> int:
@@ -79,7 +80,7 @@ def as_trt_would_see_it(model: onnx.ModelProto, registry: Any, before: str = "qu
         inferred = inferred_structure(work)
     except Exception as exc:  # onnx raises several kinds (inference, checker, type errors): one line each way
         raise UserError(f"shape inference failed before {before}: {str(exc).splitlines()[0]}") from None
-    adopt_types(work, inferred)
+    adopt_inferred(work, inferred)
     typed = {vi.name for vi in work.graph.value_info} | {vi.name for vi in work.graph.output}
     untyped = [t for n, _ in registry.custom_nodes(work) for t in n.output if t and t not in typed]
     if untyped:
@@ -88,17 +89,6 @@ def as_trt_would_see_it(model: onnx.ModelProto, registry: Any, before: str = "qu
             f"{before} would silently leave everything downstream untouched. Fix the spec's `infer`"
         )
     return work, domains
-
-
-def adopt_types(model: onnx.ModelProto, inferred: onnx.ModelProto) -> None:
-    """Take over (in place) the ``value_info`` and the graph outputs' types that shape inference gave
-    ``inferred``, a copy of ``model`` (possibly without its weights)."""
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred.graph.value_info)
-    typed = {o.name: o for o in inferred.graph.output}
-    for o in model.graph.output:
-        if o.name in typed:
-            o.CopyFrom(typed[o.name])
 
 
 def restore_domains(model: onnx.ModelProto, domains: dict[str, str]) -> None:
@@ -125,7 +115,7 @@ def computed_types(model: onnx.ModelProto, types: dict[str, int] | None = None) 
     if types is None:
         types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)}
     counts = Counter(TensorProto.DataType.Name(types[t]).lower() if types.get(t) else "untyped"
-                     for n in model.graph.node if n.op_type not in ("Cast", "QuantizeLinear", "DequantizeLinear")
+                     for n in model.graph.node if n.op_type not in ("Cast", *QDQ_OPS)
                      for t in n.output if t)
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -191,20 +181,22 @@ def _free_prefix(graph: onnx.GraphProto, base: str) -> str:
     return prefix
 
 
-def float_tensors(model: onnx.ModelProto) -> list[str]:
+def float_tensors(model: onnx.ModelProto) -> dict[str, int]:
     """The floating-point tensors the model's main graph computes or takes as input (not initializers), in
-    graph order, from the model's own types (run shape inference first)."""
+    graph order, with their element types, from the model's own types (run shape inference first)."""
     g = model.graph
     inits = {t.name for t in g.initializer}
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
     names = [i.name for i in g.input if i.name not in inits]
     names += [t for n in g.node if n.op_type != "Constant" for t in n.output if t]
-    return [t for t in dict.fromkeys(names) if types.get(t) in _FLOAT_TYPES]
+    return {t: types[t] for t in dict.fromkeys(names) if types.get(t) in FLOAT_ELEM_TYPES}
 
 
-def ranges_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+def ranges_model(model: onnx.ModelProto, tensors: dict[str, int]) -> onnx.ModelProto:
     """A copy of ``model`` whose only output is one float32 vector: the minimum and the maximum of each of
-    ``tensors`` (in graph order), interleaved (min 0, max 0, min 1, ...). The added names start with
+    ``tensors`` (``float_tensors``: name -> element type, in graph order), interleaved (min 0, max 0, min 1, ...);
+    a tensor that is not float32 is cast to it first (onnxruntime's CPU reductions do not all take float16). The
+    added names start with
     ``qdqkit_ranges`` (with underscores appended where the model already has names starting so).
 
     The order of the added nodes matters for memory. onnxruntime's default execution order is a depth-first walk
@@ -219,16 +211,15 @@ def ranges_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     out.CopyFrom(model)
     g = out.graph
     del g.output[:]
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input)}
     pre = _free_prefix(g, "qdqkit_ranges")
     one = f"{pre}_shape"
     g.initializer.append(helper.make_tensor(one, TensorProto.INT64, [1], [1]))
     extremes = [f"{pre}/{i}/{kind}/1" for i in range(len(tensors)) for kind in ("min", "max")]
     chains = []
-    for i, t in enumerate(tensors):
+    for i, (t, elem_type) in enumerate(tensors.items()):
         chain = []
         src = t
-        if types.get(t) != TensorProto.FLOAT:  # onnxruntime's CPU reductions do not all take float16
+        if elem_type != TensorProto.FLOAT:
             src = f"{pre}/{i}/f32"
             chain.append(helper.make_node("Cast", [t], [src], to=TensorProto.FLOAT, name=f"{pre}/{i}/cast"))
         for kind in ("Min", "Max"):
@@ -244,8 +235,9 @@ def ranges_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
 
 
 def tensor_ranges(model: onnx.ModelProto, registry: Any, source: CalibrationSource, start: int, count: int,
-                  tensors: list[str] | None = None) -> dict[str, tuple[float, float]]:
-    """The minimum and maximum of every float tensor (or of ``tensors``) over samples ``[start, start + count)``,
+                  tensors: dict[str, int] | None = None) -> dict[str, tuple[float, float]]:
+    """The minimum and maximum of every float tensor (or of ``tensors``, as ``float_tensors`` gives them) over
+    samples ``[start, start + count)``,
     computed in onnxruntime on the CPU with the registered custom-op kernels, one sample at a time: only two
     numbers a tensor leave the session, so memory does not grow with the model's activations. A tensor that is
     empty on every sample gets (inf, -inf); infinities count as extremes. NaN does not reliably show: onnxruntime's

@@ -23,7 +23,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from qdqkit.calib import CalibrationSource, require
+from qdqkit.coverage import QDQ_OPS
 from qdqkit.errors import UserError
+from qdqkit.model import inferred_structure
 
 
 @dataclass
@@ -77,7 +79,10 @@ class ValidationResult:
 
 
 def evaluation_copy(model: onnx.ModelProto, registry: Any = None) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of a Q/DQ model corrected for CPU evaluation (module docstring, cases 1 and 2), with notes."""
+    """A copy of a Q/DQ model corrected for CPU evaluation (module docstring, cases 1 and 2), with notes; a model
+    without Q/DQ (an fp16 pass's) needs neither correction and is returned as it is."""
+    if not any(n.op_type in QDQ_OPS for n in model.graph.node):
+        return model, []
     m = onnx.ModelProto()
     m.CopyFrom(model)
     notes: list[str] = []
@@ -100,7 +105,7 @@ def evaluation_copy(model: onnx.ModelProto, registry: Any = None) -> tuple[onnx.
     del g.node[:]
     g.node.extend(new_nodes)
     if registry is not None:
-        fixed_plugins = _dequantize_plugin_int8_io(m, registry)
+        fixed_plugins = _dequantize_plugin_int8_io(m, registry, types)  # the Casts added above carry no INT8
         if fixed_plugins:
             notes.append(f"INT8 plugin inputs/outputs evaluated through float kernels with the same scales: "
                          f"{', '.join(fixed_plugins)}")
@@ -109,8 +114,8 @@ def evaluation_copy(model: onnx.ModelProto, registry: Any = None) -> tuple[onnx.
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:
+        inferred = inferred_structure(model)  # without the bytes of heavy weights (past 2 GB onnx cannot)
+    except Exception:  # noqa: BLE001 - the model's own declared types then
         inferred = model
     g = inferred.graph
     out = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
@@ -123,10 +128,10 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def _dequantize_plugin_int8_io(m: onnx.ModelProto, registry: Any) -> list[str]:
-    """Rewrite, in the evaluation copy, each custom node with INT8 I/O to run in float32 between DQ and Q."""
+def _dequantize_plugin_int8_io(m: onnx.ModelProto, registry: Any, types: dict[str, int]) -> list[str]:
+    """Rewrite, in the evaluation copy, each custom node with INT8 I/O to run in float32 between DQ and Q
+    (``types``: the element types of its tensors)."""
     g = m.graph
-    types = _elem_types(m)
     producer = {t: n for n in g.node for t in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:

@@ -68,7 +68,8 @@ def test_passes_ops_inspect(qdqkit_cli, model_file):
     assert rc == 0 and data["custom_ops"]["known"] == ["ToyScaleTRT", "toy.ops::ToyRowMeanTRT"]
     assert data["inputs"] == [{"name": "x", "dtype": "float", "shape": [1, 8, 16]}]
     assert data["op_histogram"]["ToyScaleTRT"] == 2
-    # the toy model declares no intermediate types: its computed tensors show as untyped but for the output
+    # the toy model declares no intermediate types: its 17 computed tensors show as untyped but for the output
+    assert data["computed_types"] == {"untyped": 16, "float": 1}
     assert sum(data["computed_types"].values()) == sum(len(n.output) for n in onnx.load(model_file).graph.node)
     rc, out, _ = qdqkit_cli("inspect", model_file)
     assert rc == 0 and "custom ops: 3 known" in out and "computed tensors by type" in out
