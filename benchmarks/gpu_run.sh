@@ -10,18 +10,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 STAGES=${*:-env build test ops frame}
 
-# The device has no qdqkit installed: lay the source tree out as the installed package would be (setup.py's
-# package_dir) with symbolic links, so nothing is built or written into the checkout.
-SHIM=$(mktemp -d)
-mkdir -p "$SHIM/qdqkit"
-for f in qdqkit/*; do ln -s "$PWD/$f" "$SHIM/qdqkit/"; done
-ln -s "$PWD/passes" "$SHIM/qdqkit/passes"
-ln -s "$PWD/custom_ops" "$SHIM/qdqkit/custom_ops"
-ln -s "$PWD/examples" "$SHIM/qdqkit/examples"
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-# Work from the shim: run from the checkout, Python would find its bare qdqkit/ (without the sub-packages) first.
-REPO=$PWD
-cd "$SHIM"
+source "$(dirname "$0")/device_shim.sh"
 
 has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 
