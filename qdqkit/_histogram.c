@@ -24,6 +24,11 @@
  *       caller then takes the extremes and the counts separately. The sign of a zero extreme is not numpy's
  *       (which zero a reduction returns depends on its order).
  *
+ *   product_bounds(edges) -> (scale, below, above) | None
+ *       The product guess the AVX-512 pass takes instead of numpy's where both are bounded (bounds_product below):
+ *       its scale and the fractional parts between which no element needs a correction; None where it has no
+ *       bounds. For the tests, which check that the common cases take it.
+ *
  *   simd([level]) -> str
  *       The code counts() runs for float32 data and edges: "avx512" (sixteen elements at a time, chosen at run
  *       time where the processor has AVX-512) or "scalar"; sets it when a level is given (the tests run both).
@@ -124,11 +129,50 @@ COUNTS(counts_ffd, float, float, float, double)
 COUNTS(counts_fdd, float, double, double, double)
 COUNTS(counts_ddd, double, double, double, double)
 
+/* The product guess: (x - edges[0]) * scale, in float32, with scale near bins / (edges[bins] - edges[0]). It is not
+ * numpy's guess, which divides (in float64 where numpy promotes the quotient to it), but it is cheaper and, like
+ * numpy's, never decreases as x grows (two correctly rounded operations, scale > 0). Where both guesses lie within
+ * half a bin of every edge's index, each is at most one bin off the bin the edges give, and numpy's corrections
+ * (one bin down, or one up) end in that bin from either: so the counts are numpy's. *below and *above as for
+ * BOUNDS; scale is lowered until the top edge's guess is at most bins (every element inside the edges then has a
+ * guess in [0, bins]). Returns 0 where the product form has no such bounds (bins too many for float32, say). */
+static int bounds_product(const float *edges, Py_ssize_t bins, float *scale, float *below, float *above)
+{
+    const float e0 = edges[0], top = edges[bins] - e0, nbins = (float)bins;
+    float s = (float)((double)bins / (double)top);
+    for (int tries = 0; tries < 4 && top * s > nbins; tries++)
+        s = nextafterf(s, 0.f);
+    if (!(s > 0.f && s < INFINITY && top * s <= nbins && (double)nbins == (double)bins))
+        return 0;
+    float lo = -INFINITY, hi = INFINITY;
+    for (Py_ssize_t k = 0; k < bins; k++) {
+        const float f = (nextafterf(edges[k], -INFINITY) - e0) * s;
+        if (!(fabsf(f - (float)k) <= 0.5f))
+            return 0;
+        if (f - (float)k > lo)
+            lo = f - (float)k;
+        if (k + 1 < bins) {
+            const float g = (edges[k + 1] - e0) * s;
+            if (!(fabsf(g - (float)(k + 1)) <= 0.5f))
+                return 0;
+            if (g - (float)k < hi)
+                hi = g - (float)k;
+        }
+    }
+    *scale = s;
+    *below = lo;
+    *above = hi;
+    return 1;
+}
+
 /* The same counts over sixteen elements at a time with AVX-512 (float32 data and edges, the quotient in float32
  * or float64: the variants fff and ffd, which are ModelOpt's merges and first histograms), chosen at run time
- * where the processor has it. Every lane does the scalar code's operations: the same correctly rounded
- * subtraction, division and multiplication, truncation, and the two corrections against edges read by gathers;
- * only the increments stay scalar (into 8 sub-histograms). */
+ * where the processor has it. Where bounds_product holds (and numpy's own guesses are bounded), every lane takes
+ * the product guess; otherwise it does the scalar code's operations: the same correctly rounded subtraction,
+ * division and multiplication, truncation. Either way the lanes near an edge get the two corrections against
+ * edges read by gathers; only the increments stay scalar (into 8 sub-histograms). The product guess halves the
+ * pass on ModelOpt's first histograms, whose quotient numpy computes in float64 (two float64 divisions a vector
+ * before). */
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define HAVE_AVX512 1
@@ -200,16 +244,16 @@ AVX512 static inline __attribute__((always_inline)) void extremes_step(__m512 v,
 }
 
 typedef struct {
-    __m512 first, denom_f, nbins_f, below_f, above_f;
+    __m512 first, denom_f, nbins_f, below_f, above_f, scale_f;
     __m512d denom_d, nbins_d, below_d, above_d;
 } guess_args;
 
-/* The guesses (truncated, the top edge moved into the last bin) of sixteen elements; lanes whose quotient lies
- * outside [0, bins] (or is NaN) are set in *bad, lanes that may need a correction in *near. Quotient in float32. */
-AVX512 static inline __attribute__((always_inline)) __m512i guess_fff(__m512 v, const guess_args *a, __m512i last,
-                                                                    __mmask16 m, __mmask16 *bad, __mmask16 *near)
+/* The guesses (truncated, the top edge moved into the last bin) of sixteen elements from their quotients f in
+ * float32; lanes whose quotient lies outside [0, bins] (or is NaN) are set in *bad, lanes that may need a correction
+ * in *near. */
+AVX512 static inline __attribute__((always_inline)) __m512i guess_of(__m512 f, const guess_args *a, __m512i last,
+                                                                   __mmask16 m, __mmask16 *bad, __mmask16 *near)
 {
-    __m512 f = _mm512_mul_ps(_mm512_div_ps(_mm512_sub_ps(v, a->first), a->denom_f), a->nbins_f);
     __mmask16 ok = _mm512_cmp_ps_mask(f, _mm512_setzero_ps(), _CMP_GE_OQ) &
                    _mm512_cmp_ps_mask(f, a->nbins_f, _CMP_LE_OQ);
     *bad = (__mmask16)(~ok & m);
@@ -218,6 +262,21 @@ AVX512 static inline __attribute__((always_inline)) __m512i guess_fff(__m512 v, 
     *near = (__mmask16)((_mm512_cmp_ps_mask(frac, a->below_f, _CMP_LE_OQ) |
                          _mm512_cmp_ps_mask(frac, a->above_f, _CMP_GE_OQ)) & m);
     return k;
+}
+
+/* numpy's guess with the quotient in float32 */
+AVX512 static inline __attribute__((always_inline)) __m512i guess_fff(__m512 v, const guess_args *a, __m512i last,
+                                                                    __mmask16 m, __mmask16 *bad, __mmask16 *near)
+{
+    return guess_of(_mm512_mul_ps(_mm512_div_ps(_mm512_sub_ps(v, a->first), a->denom_f), a->nbins_f), a, last, m,
+                    bad, near);
+}
+
+/* the product guess (bounds_product): (v - edges[0]) * scale, both in float32 */
+AVX512 static inline __attribute__((always_inline)) __m512i guess_product(__m512 v, const guess_args *a, __m512i last,
+                                                                        __mmask16 m, __mmask16 *bad, __mmask16 *near)
+{
+    return guess_of(_mm512_mul_ps(_mm512_sub_ps(v, a->first), a->scale_f), a, last, m, bad, near);
 }
 
 /* the same with the difference in float32 and the quotient in float64 (eight lanes a half) */
@@ -267,6 +326,14 @@ AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const f
         a.below_f = _mm512_set1_ps(bounded ? below : INFINITY);
         a.above_f = _mm512_set1_ps(bounded ? above : -INFINITY);
     }
+    float scale, pbelow, pabove;
+    const int product = bounded && bounds_product(edges, bins, &scale, &pbelow, &pabove);
+    if (product) {
+        a.first = _mm512_set1_ps(edges[0]);
+        a.scale_f = _mm512_set1_ps(scale);
+        a.below_f = _mm512_set1_ps(pbelow);
+        a.above_f = _mm512_set1_ps(pabove);
+    }
     const __m512i one = _mm512_set1_epi32(1), last = _mm512_set1_epi32((int)(bins - 1));
     int64_t *sub = calloc((size_t)bins * SIMD_LANES, sizeof(int64_t));
     if (!sub)
@@ -290,8 +357,9 @@ AVX512 static inline __attribute__((always_inline)) int counts_ff_avx512(const f
             __mmask16 mask = m == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << m) - 1), bad, near;
             _mm_prefetch((const char *)(x + i) + PREFETCH, _MM_HINT_T0);
             __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
-            __m512i k = quotient_double ? guess_ffd(v, &a, last, mask, &bad, &near)
-                                        : guess_fff(v, &a, last, mask, &bad, &near);
+            __m512i k = product           ? guess_product(v, &a, last, mask, &bad, &near)
+                        : quotient_double ? guess_ffd(v, &a, last, mask, &bad, &near)
+                                          : guess_fff(v, &a, last, mask, &bad, &near);
             if (extremes)
                 extremes_step(v, mask, &lo_v, &hi_v, &nan_seen);
             if (bad) { /* a guess outside the bins: numpy would index out of range; the caller runs numpy's code */
@@ -420,6 +488,28 @@ static PyObject *py_simd(PyObject *self, PyObject *args)
     return PyUnicode_FromString(use_avx512 ? "avx512" : "scalar");
 }
 
+static PyObject *py_product_bounds(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *edges_obj;
+    if (!PyArg_ParseTuple(args, "O", &edges_obj))
+        return NULL;
+    Py_buffer edges;
+    if (get_buffer(edges_obj, &edges, 0) != 0)
+        return NULL;
+    if (kind_of(&edges) != 'f' || edges.len / edges.itemsize < 2) {
+        PyBuffer_Release(&edges);
+        PyErr_SetString(PyExc_ValueError, "product_bounds: expected float32 edges, at least two");
+        return NULL;
+    }
+    float scale, below, above;
+    int ok = bounds_product(edges.buf, edges.len / edges.itemsize - 1, &scale, &below, &above);
+    PyBuffer_Release(&edges);
+    if (!ok)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(ddd)", (double)scale, (double)below, (double)above);
+}
+
 static PyObject *py_simd_levels(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -520,6 +610,8 @@ static PyMethodDef methods[] = {
      "counts_extremes(<counts' arguments>) -> (placed, min, max) | None"},
     {"simd", py_simd, METH_VARARGS, "simd([level]) -> the level counts() runs at ('scalar' or 'avx512'), set if given"},
     {"simd_levels", py_simd_levels, METH_NOARGS, "simd_levels() -> the levels this processor can run"},
+    {"product_bounds", py_product_bounds, METH_VARARGS,
+     "product_bounds(edges) -> (scale, below, above) of the product guess, or None where it has none"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -68,7 +68,9 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      numpy's guess computed in numpy's dtypes, operation for operation, then numpy's two corrections against the
      edges (the compiled code declines, and the numpy code runs, wherever a guess leaves the bins or the dtypes
      are others). On a processor with AVX-512 (chosen at run time), float32 data and edges go sixteen elements at
-     a time: the edges are read only for a vector holding an element near one (bounded as above), and zeros
+     a time, each guessed by a float32 product, (x - edges[0]) * scale, instead of numpy's division wherever both
+     guesses are bounded (each is then at most a bin off the bin the edges give, which numpy's corrections reach
+     from either); the edges are read only for a vector holding an element near one (bounded as above), and zeros
      (half of a ReLU's output, on the middle edge of a symmetric range) take their bin, computed once, and are
      counted there by a population count instead of one increment each. From the
      second sample on, a merge is counted over the old range with the extremes in the same pass, and kept where

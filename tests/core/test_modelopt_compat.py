@@ -492,6 +492,17 @@ def test_compiled_counts_decline_what_they_cannot_place_and_leave_the_counts(nat
         native.counts(np.zeros(3, np.float32), edges[:-1], -1.0, 2.0, 128, True, True, hist)
 
 
+def _native_args(edges, range_: tuple, bins: int) -> tuple:
+    """(first, denom, shifted_double, quotient_double) as patch 6 hands them to the compiled counts for numpy's
+    histogram of ``bins`` over ``range_`` with these edges."""
+    import numpy as np
+
+    denom = np.subtract(range_[1], range_[0])
+    modes = modelopt_compat._native_modes(edges.dtype, modelopt_compat._estimate_buffers(
+        edges.dtype, range_[0], denom, bins), denom)
+    return (float(range_[0]), float(denom), *modes)
+
+
 @pytest.mark.parametrize("quotient_double", [False, True])
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 4099])
 def test_compiled_counts_are_numpys_where_edges_are_far_from_their_guesses(native, n, quotient_double):
@@ -506,15 +517,43 @@ def test_compiled_counts_are_numpys_where_edges_are_far_from_their_guesses(nativ
     x = np.resize(np.random.default_rng(n).permutation(x), n)
     range_ = (lo, hi) if not quotient_double else (float(lo), float(hi))  # numpy scalars or Python floats
     want, edges = np.histogram(x, bins, range=range_)
-    denom = np.subtract(range_[1], range_[0])
-    modes = modelopt_compat._native_modes(edges.dtype, modelopt_compat._estimate_buffers(
-        edges.dtype, range_[0], denom, bins), denom)
-    assert modes == (False, quotient_double)
-    guesses = np.minimum((((x - range_[0]) / denom) * bins).astype(np.intp), bins - 1)
+    args = _native_args(edges, range_, bins)
+    assert args[2:] == (False, quotient_double)
+    guesses = np.minimum((((x - range_[0]) / np.subtract(range_[1], range_[0])) * bins).astype(np.intp), bins - 1)
     assert n < bins or np.any(guesses != np.searchsorted(edges, x, side="right").clip(1, bins) - 1)
     hist = np.zeros(bins, np.int64)
-    assert native.counts(x, edges, float(range_[0]), float(denom), bins, *modes, hist) is True
+    assert native.counts(x, edges, *args[:2], bins, *args[2:], hist) is True
     np.testing.assert_array_equal(hist, want)
+
+
+@pytest.mark.parametrize("bins", [1, 2, 127, 128, 2048, 100_003])
+def test_compiled_counts_take_the_product_guess_and_stay_numpys(native, bins):
+    """ModelOpt's first histograms (a Python-float range: numpy's quotient in float64) and its merges (a float32
+    range): the AVX-512 pass guesses with a float32 product instead of numpy's division wherever both guesses are
+    bounded, which is every such range here. Every edge, the floats either side of it and values in between are
+    counted as numpy counts them. Edges one float apart leave the product guess without bounds."""
+    import numpy as np
+
+    rng = np.random.default_rng(bins)
+    t = np.float32(3.7)
+    for range_ in ((-float(t), float(t)), (-t, t), (0.0, float(t))):
+        edges = np.histogram(np.zeros(0, np.float32), bins, range=range_)[1]
+        assert native.product_bounds(edges) is not None, range_
+        at = edges[rng.integers(0, bins + 1, 3000)]
+        x = np.concatenate([at, np.nextafter(at, np.float32(np.inf)), np.nextafter(at, np.float32(-np.inf)),
+                            rng.uniform(range_[0], range_[1], 3000).astype(np.float32)])
+        x = rng.permutation(np.clip(x, edges[0], edges[-1]))
+        want = np.histogram(x, bins, range=range_)[0]
+        args = _native_args(edges, range_, bins)
+        hist = np.zeros(bins, np.int64)
+        assert native.counts(x, edges, *args[:2], bins, *args[2:], hist) is True, range_
+        np.testing.assert_array_equal(hist, want, err_msg=str(range_))
+        if native.simd() == "avx512":
+            hist[:] = 0
+            assert native.counts_extremes(x, edges, *args[:2], bins, *args[2:], hist)[0] is True
+            np.testing.assert_array_equal(hist, want, err_msg=str(range_))
+    lo = np.float32(1e7)
+    assert native.product_bounds(np.histogram(np.zeros(0, np.float32), 200, range=(lo, lo + 200))[1]) is None
 
 
 @pytest.mark.parametrize("bins", [128, 127])
@@ -529,11 +568,9 @@ def test_compiled_counts_place_zeros_as_numpy(native, bins):
     t = np.max(x)
     for range_ in ((-float(t), float(t)), (-t, t), (np.float32(0), t), (0.0, float(t))):
         want, edges = np.histogram(x, bins, range=range_)
-        denom = np.subtract(range_[1], range_[0])
-        modes = modelopt_compat._native_modes(edges.dtype, modelopt_compat._estimate_buffers(
-            edges.dtype, range_[0], denom, bins), denom)
+        args = _native_args(edges, range_, bins)
         hist = np.zeros(bins, np.int64)
-        assert native.counts(x, edges, float(range_[0]), float(denom), bins, *modes, hist) is True, range_
+        assert native.counts(x, edges, *args[:2], bins, *args[2:], hist) is True, range_
         np.testing.assert_array_equal(hist, want, err_msg=str(range_))
 
 
