@@ -361,6 +361,19 @@ def static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[tuple[int, ...], in
     return out
 
 
+def elem_types(graph: onnx.GraphProto) -> dict[str, int]:
+    """``{tensor: elem_type}`` for every tensor ``graph`` types (value_info, inputs, outputs: an inferred graph's),
+    every initializer, and the outputs of Constant nodes (typed by their value, also where nothing was inferred)."""
+    out = {vi.name: vi.type.tensor_type.elem_type for vi in (*graph.value_info, *graph.input, *graph.output)}
+    out.update({t.name: t.data_type for t in graph.initializer})
+    for n in graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = a.t.data_type
+    return out
+
+
 def structure_only(proto: onnx.ModelProto, threshold: int = EXTERNAL_THRESHOLD) -> onnx.ModelProto:
     """A copy without the bytes of large initializers (dims and types kept), always under 2 GB.
 

@@ -19,7 +19,7 @@ from qdqkit.calib import CalibrationSource, require
 from qdqkit.coverage import QDQ_OPS
 from qdqkit.customops import TRT_PLUGIN_DOMAIN, iter_graphs
 from qdqkit.errors import UserError
-from qdqkit.model import adopt_inferred, inferred_structure
+from qdqkit.model import adopt_inferred, elem_types, inferred_structure
 
 ONNX_PRECISION = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16", TensorProto.INT8: "int8"}
 FLOAT_ELEM_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -102,10 +102,7 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """The element type of every tensor of the model's main graph as its ops derive it (ONNX shape inference with
     the declared ``value_info`` dropped: a custom op's output type is what its spec's shape function gives for the
     inputs it gets, not what a tool wrote down)."""
-    g = inferred_structure(model, fresh=True).graph
-    out = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
-    out.update({t.name: t.data_type for t in g.initializer})
-    return out
+    return elem_types(inferred_structure(model, fresh=True).graph)
 
 
 def computed_types(model: onnx.ModelProto, types: dict[str, int] | None = None) -> dict[str, int]:

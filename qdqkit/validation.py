@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 from qdqkit.calib import CalibrationSource, require
 from qdqkit.coverage import QDQ_OPS
 from qdqkit.errors import UserError
-from qdqkit.model import inferred_structure
+from qdqkit.model import elem_types, inferred_structure
 
 
 @dataclass
@@ -117,15 +117,7 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
         inferred = inferred_structure(model)  # without the bytes of heavy weights (past 2 GB onnx cannot)
     except Exception:  # noqa: BLE001 - the model's own declared types then
         inferred = model
-    g = inferred.graph
-    out = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
-    out.update({t.name: t.data_type for t in g.initializer})
-    for n in g.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    out[n.output[0]] = a.t.data_type
-    return out
+    return elem_types(inferred.graph)
 
 
 def _dequantize_plugin_int8_io(m: onnx.ModelProto, registry: Any, types: dict[str, int]) -> list[str]:
