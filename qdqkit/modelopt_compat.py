@@ -129,6 +129,19 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      20.7 -> 16.8 s. ``PatchNotes`` says how many probes
      were answered.
 
+ 10. ModelOpt prints its own log records: ``configure_logging`` replaces the handlers of its ``modelopt.onnx``
+     logger with a handler on ``sys.stdout`` in its own format, once on import and again on every ``quantize``
+     call (``quantize`` and the INT8 path's own ``quantize`` each call it), and AutoCast's records reach that
+     handler too. So a warning such as AutoCast's on an initializer value below FP16's smallest went to stdout
+     whatever the caller asked for (``qdqkit -q`` printed it). Inside the block ModelOpt's loggers have no
+     handlers: those found on entry are taken off and put back on exit, and those ``configure_logging`` installs
+     (wrapped in every module that imported it) are taken off as soon as it returns, keeping the levels it sets.
+     The records go on to the root logger, where the CLI's ``report.LibraryWarnings`` counts them for the report
+     and shows each once unless the run is quiet. AutoCast's own ``configure_logging`` runs only when its modules
+     are imported, which ``modelopt.onnx`` does before any block. Tested: a real quantize with FP16 high
+     precision prints ModelOpt's warning on stdout upstream, nothing with the patch, and the record reaches the
+     root logger either way.
+
 Not patched but handled by the caller (`run_in_private_dir`): ModelOpt rewrites its input file in place and drops
 ``sym_shape_infer_temp.onnx`` and ``<uuid>.data`` in the current directory, so it runs on a private copy with
 the working directory switched to a temporary folder. Its API defaults that differ from its CLI
@@ -141,6 +154,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import logging
 import operator
 import os
 import tempfile
@@ -1265,13 +1279,59 @@ def calibration_of_read_ranges_only() -> Iterator[list]:
         yield calls
 
 
+# -- patch 10: ModelOpt's loggers without handlers of their own ----------------------------------------------------
+
+_OWN_LOGGERS = ("modelopt.onnx", "modelopt.onnx.autocast")
+# the modules that imported configure_logging and call it on every call of their quantize (not logging_config
+# itself: a module imported inside the block would bind the wrapper for good)
+_LOGGING_CONFIGURERS = ("modelopt.onnx.quantization.quantize", "modelopt.onnx.quantization.int8",
+                        "modelopt.onnx.quantization.fp8", "modelopt.onnx.quantization.int4")
+
+
+def _handlers_kept_off(original: Any) -> Any:
+    """ModelOpt's ``configure_logging`` (levels, handlers), then the handlers it installed taken off (patch 10)."""
+
+    def configure_logging(*args: Any, **kwargs: Any) -> None:
+        original(*args, **kwargs)
+        for log in map(logging.getLogger, _OWN_LOGGERS):
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+                handler.close()  # made for this call and dropped; closing leaves sys.stdout open
+
+    configure_logging.qdqkit_original = original  # type: ignore[attr-defined]
+    return configure_logging
+
+
+@contextlib.contextmanager
+def own_log_handlers_off() -> Iterator[None]:
+    """ModelOpt's loggers without handlers for the block, also after ``configure_logging`` runs in it; the
+    handlers found on entry put back on exit (patch 10). Their records go on to the root logger's handlers."""
+    found = [(log, list(log.handlers)) for log in map(logging.getLogger, _OWN_LOGGERS)]
+    swaps = []
+    for mod_name in _LOGGING_CONFIGURERS:
+        mod = importlib.import_module(mod_name)
+        current = getattr(mod, "configure_logging", None)
+        if current is not None and not hasattr(current, "qdqkit_original"):
+            swaps.append((mod, "configure_logging", _handlers_kept_off(current)))
+    for log, handlers in found:
+        for handler in handlers:
+            log.removeHandler(handler)
+    try:
+        with _replaced(*swaps):
+            yield
+    finally:
+        for log, handlers in found:
+            for handler in handlers:
+                log.addHandler(handler)
+
+
 @contextlib.contextmanager
 def patched_modelopt(fold_constants: bool = True, running_ranges: bool = True,
                      direct_histograms: bool = True, read_ranges_only: bool = True,
-                     shape_probes: bool = True) -> Iterator[PatchNotes]:
+                     shape_probes: bool = True, log_handlers_off: bool = True) -> Iterator[PatchNotes]:
     """Apply the patches listed in the module docstring for the duration of the block (re-entrant).
     ``direct_histograms`` switches patches 6 and 7 together; ``read_ranges_only`` is patch 8, ``shape_probes``
-    patch 9. Yields the ``PatchNotes`` of the block."""
+    patch 9, ``log_handlers_off`` patch 10. Yields the ``PatchNotes`` of the block."""
     check_version()
     with _LOCK, onnxruntime_quantization_restored():
         from modelopt.onnx import trt_utils
@@ -1293,7 +1353,8 @@ def patched_modelopt(fold_constants: bool = True, running_ranges: bool = True,
                 calibration_ranges_running() if running_ranges else contextlib.nullcontext(), \
                 calibration_histograms_direct() if direct_histograms else contextlib.nullcontext(), \
                 calibration_of_read_ranges_only() if read_ranges_only else contextlib.nullcontext([]) as calls, \
-                shape_probes_inferred() if shape_probes else contextlib.nullcontext([]) as probes:
+                shape_probes_inferred() if shape_probes else contextlib.nullcontext([]) as probes, \
+                own_log_handlers_off() if log_handlers_off else contextlib.nullcontext():
             yield PatchNotes(calls, probes)
 
 

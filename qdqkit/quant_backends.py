@@ -175,8 +175,8 @@ AUTOCAST_NOISE = ("Shared constants were detected", "Updating minimum opset")
 @contextlib.contextmanager
 def calibrator_prints_muted() -> Any:
     """onnxruntime's histogram calibrator prints a line per sample and a summary to stdout ("Collecting tensor data
-    and making histogram ..."): inside the block its module's ``print`` is a no-op. Only that module's: stdout
-    itself is left alone, since ModelOpt binds its log handler to whatever ``sys.stdout`` is when it runs."""
+    and making histogram ..."): inside the block its module's ``print`` is a no-op. Only that module's: replacing
+    ``sys.stdout`` would silence everything else in the process too."""
     from onnxruntime.quantization import calibrate
 
     had = "print" in vars(calibrate)
@@ -196,7 +196,8 @@ def modelopt_quiet() -> Any:
     """What a call into ModelOpt (INT8 quantization, AutoCast) may say, brought down to what concerns the user, for
     both passes that make one: its loggers at WARNING (they log every step at INFO), the warnings that say nothing
     to act on muted (``_EXPECTED``, ``AUTOCAST_NOISE``, onnxscript's converter falling back to onnx's), and
-    onnxruntime's calibrator prints."""
+    onnxruntime's calibrator prints. The warnings left reach the root logger only (ModelOpt's own handler is kept
+    off by ``modelopt_compat``'s patch 10): the report has them, and the terminal unless the run is quiet."""
     with quiet_logger("modelopt"), quiet_logger("modelopt.onnx"), quiet_logger("modelopt.onnx.autocast"), \
             MutedMessages("modelopt.onnx", _EXPECTED), MutedMessages("modelopt.onnx.autocast", AUTOCAST_NOISE), \
             MutedMessages("onnxscript.version_converter", ("and fallback is enabled",)), calibrator_prints_muted():

@@ -137,8 +137,8 @@ def _source(record: logging.LogRecord) -> str:
 
 
 def _shown_by_own_handler(name: str) -> bool:
-    """Whether a record of logger ``name`` met a handler before reaching the root logger (ModelOpt's loggers print
-    to stdout themselves)."""
+    """Whether a record of logger ``name`` met a handler before reaching the root logger (a library's own, that
+    printed it already; ModelOpt's is kept off while qdqkit calls it, modelopt_compat's patch 10)."""
     log: logging.Logger | None = logging.getLogger(name)
     root = logging.getLogger()
     while log is not None and log is not root:

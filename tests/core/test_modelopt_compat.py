@@ -1088,3 +1088,85 @@ def test_a_failing_dry_run_leaves_the_call_as_it_was_and_the_report_says_why(tmp
     assert set(rec["histograms"]) == set(upstream_residual["histograms"])
     assert rec["notes"] == ["every tensor ModelOpt observes was calibrated: its dry run failed (RuntimeError: no dry "
                             "run today) (qdqkit patch 8 off for the call)"]
+
+
+# -- patch 10: ModelOpt's loggers without handlers of their own -----------------------------------------------------
+
+def _tiny_bias_model() -> onnx.ModelProto:
+    """x @ w + b with one bias value (1e-9) below FP16's smallest: where ModelOpt types the model FP16, AutoCast
+    replaces that value and warns through ModelOpt's logger."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    b = np.full(16, 0.01, np.float32)
+    b[0] = 1e-9
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "b"], ["y"], name="add")]
+    inits = [numpy_helper.from_array(np.full((16, 16), 0.01, np.float32), "w"), numpy_helper.from_array(b, "b")]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _warnings_of_an_fp16_quantize(tmp_path, handlers_off: bool) -> list[str]:
+    """ModelOpt's INT8 quantize with FP16 high precision, as the qdq pass calls it (log level WARNING), of the
+    tiny-bias model; returns the messages of the warnings that reached the root logger. Upstream, ModelOpt's loggers
+    get back the handlers they had before (the call leaves one on the test's captured stdout); patched, that is
+    left to the patch."""
+    import logging
+
+    import numpy as np
+    from modelopt.onnx.quantization import quantize
+
+    class Kept(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    messages: list[str] = []
+    kept, root = Kept(logging.WARNING), logging.getLogger()
+    own = [(log, list(log.handlers)) for log in map(logging.getLogger, ("modelopt.onnx", "modelopt.onnx.autocast"))]
+    root.addHandler(kept)
+    try:
+        with modelopt_compat.patched_modelopt(log_handlers_off=handlers_off), \
+                modelopt_compat.run_in_private_dir(tmp_path) as d:
+            onnx.save(_tiny_bias_model(), d / "m.onnx")
+            data = np.random.default_rng(0).standard_normal((_SAMPLES, 16)).astype("float32")
+            quantize(onnx_path=str(d / "m.onnx"), quantize_mode="int8", calibration_data={"x": data},
+                     calibration_eps=["cpu"], high_precision_dtype="fp16", dq_only=False,
+                     output_path=str(d / "q.onnx"), log_level="WARNING")
+    finally:
+        root.removeHandler(kept)
+        for log, handlers in own if not handlers_off else ():
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+            for handler in handlers:
+                log.addHandler(handler)
+    return messages
+
+
+TINY_VALUE_WARNING = "Some initializers contain values smaller than smallest fp16 value"
+
+
+def test_modelopt_prints_its_warnings_on_stdout_upstream(tmp_path, capfd):
+    capfd.readouterr()
+    messages = _warnings_of_an_fp16_quantize(tmp_path, handlers_off=False)
+    out = capfd.readouterr().out
+    # the handler quantize() installed wrote it in ModelOpt's format, whatever the caller's logging says
+    assert f"[modelopt][onnx] - WARNING - {TINY_VALUE_WARNING}" in out, out
+    assert any(m.startswith(TINY_VALUE_WARNING) for m in messages)
+
+
+def test_patched_modelopt_leaves_its_warnings_to_the_root_logger(tmp_path, capfd):
+    import importlib
+    import logging
+
+    handlers = {n: list(logging.getLogger(n).handlers) for n in ("modelopt.onnx", "modelopt.onnx.autocast")}
+    capfd.readouterr()
+    messages = _warnings_of_an_fp16_quantize(tmp_path, handlers_off=True)
+    # nothing printed, although quantize() and its INT8 path each ran configure_logging inside the block
+    assert capfd.readouterr() == ("", "")
+    assert sum(m.startswith(TINY_VALUE_WARNING) for m in messages) == 1
+    # ModelOpt's loggers have their handlers back, and nothing stays wrapped
+    assert {n: list(logging.getLogger(n).handlers) for n in handlers} == handlers
+    for mod_name in modelopt_compat._LOGGING_CONFIGURERS:
+        assert not hasattr(importlib.import_module(mod_name).configure_logging, "qdqkit_original")

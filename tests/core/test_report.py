@@ -66,7 +66,7 @@ def test_progress_redraws_a_status_line_on_terminals():
 def test_library_warnings_reach_the_report_and_stderr_once(echo, capfd):
     """A library's ``logging.warning`` (the root logger: onnxruntime's quantizer does that) is counted for the
     report, shown once when not quiet, never by logging's last-resort printer; a logger with a handler of its own
-    (ModelOpt's) is counted and not shown twice; below WARNING nothing is kept."""
+    (ModelOpt's, outside qdqkit's calls) is counted and not shown twice; below WARNING nothing is kept."""
     import logging
 
     from qdqkit.report import LibraryWarnings

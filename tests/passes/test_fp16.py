@@ -366,6 +366,11 @@ def test_fp16_io_validates(files):
 
 def test_quiet_runs_print_nothing(files, capfd):
     """ModelOpt, onnxruntime's calibrator and onnx's version converter print to stdout; -q output stays empty."""
+    import logging
+
+    import modelopt.onnx  # noqa: F401 - its import installs ModelOpt's handler
+
+    handlers = list(logging.getLogger("modelopt.onnx").handlers)
     capfd.readouterr()
     assert _apply(files, "quiet_fp16", passes=PASSES)[0] == 0
     assert _apply(files, "quiet_qdq", "--calibration-method", "entropy", "--exclude-op-types", "MatMul",
@@ -373,12 +378,47 @@ def test_quiet_runs_print_nothing(files, capfd):
     out, err = capfd.readouterr()
     assert out == ""
     assert not any(s in err for s in ("Collecting tensor data", "Shared constants", "version converter")), err
-    # stdout itself was left alone: ModelOpt's log handler, made while it ran, still writes to a real stream
-    import io
-    import logging
+    # ModelOpt's handler was kept off only while it ran (modelopt_compat's patch 10)
+    assert handlers and logging.getLogger("modelopt.onnx").handlers == handlers
 
-    streams = [getattr(h, "stream", None) for h in logging.getLogger("modelopt.onnx").handlers]
-    assert streams and not any(isinstance(st, io.StringIO) for st in streams)
+
+TINY_VALUE_WARNING = "Some initializers contain values smaller than smallest fp16 value"
+
+
+@pytest.mark.parametrize("step", ["fp16", "qdq --high-precision fp16"])
+def test_modelopts_own_warnings_are_shown_once_and_not_under_quiet(tmp_path, step):
+    """A warning ModelOpt logs through its own logger (AutoCast replacing an initializer value below FP16's
+    smallest, here one of plain_cnn's biases, in the fp16 pass and in ModelOpt's quantize) is shown once in
+    qdqkit's format, and not at all under -q; the report counts it either way. Run as a user runs qdqkit, in a
+    process of its own, so that ModelOpt's stdout handler writes to the real stdout."""
+    import subprocess
+
+    from onnx import numpy_helper
+
+    model = qdq_models.plain_cnn()
+    bias = next(i for i in model.graph.initializer if i.name == "fc.bias")
+    values = numpy_helper.to_array(bias).copy()
+    values[0] = 1e-9
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", image=qdq_models.calibration_images(8))
+    passes = ["--passes", "fp16"] if step == "fp16" else \
+        ["--passes", "qdq", "--calib", str(tmp_path / "c.npz"), "--calib-samples", "8", "--high-precision", "fp16"]
+    for quiet in (True, False):
+        rep = tmp_path / f"r{quiet}.json"
+        proc = subprocess.run([sys.executable, "-m", "qdqkit", "apply", str(tmp_path / "m.onnx"), "-o",
+                               str(tmp_path / "o.onnx"), *passes, "--report", str(rep), *(["-q"] * quiet)],
+                              check=False, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        (entry,) = json.loads(rep.read_text())["library_warnings"]
+        assert entry["logger"] == "modelopt.onnx.autocast" and entry["count"] == 1
+        assert entry["message"].startswith(TINY_VALUE_WARNING)
+        assert proc.stdout == ""
+        if quiet:
+            assert proc.stderr == ""
+        else:
+            assert proc.stderr.count(TINY_VALUE_WARNING) == 1
+            assert f"qdqkit: warning from modelopt.onnx.autocast: {entry['message']}\n" in proc.stderr
 
 
 def test_if_bodies_stay_fp32_and_the_report_says_so(tmp_path):
