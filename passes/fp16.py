@@ -12,7 +12,7 @@ import onnx
 
 from qdqkit.calib import model_inputs, resolve_source
 from qdqkit.coverage import QDQ_OPS
-from qdqkit.customops import default_opset, iter_nodes
+from qdqkit.customops import bodies, default_opset, iter_nodes
 from qdqkit.errors import UserError
 from qdqkit.pass_infra import Pass, PassContext, PassResult
 from qdqkit.precision import (
@@ -27,7 +27,7 @@ from qdqkit.precision import (
     tensor_ranges,
     tensor_types,
 )
-from qdqkit.quant_backends import FLOAT_TYPES, modelopt_quiet, plugin_precision_plan
+from qdqkit.quant_backends import float_io, modelopt_call, plugin_precision_plan
 from qdqkit.rules import ExclusionRules, RuleOptions
 
 STATE_KEY = "fp16"
@@ -165,7 +165,7 @@ def _whole_op_overrides(overrides: dict[str, str]) -> dict[str, str]:
     for op, value in overrides.items():
         if value not in ("fp16", "fp32"):
             raise UserError(f"fp16: plugin precision of {op} must be 'fp16' or 'fp32' (the whole op), got '{value}'")
-    return {op: value if value == "fp16" else "*=fp32" for op, value in overrides.items()}
+    return overrides  # a bare precision already means the whole op to plugin_precision_plan
 
 
 def _beyond(lo: float, hi: float, data_max: float) -> bool:
@@ -224,8 +224,7 @@ def _big_constants(model: onnx.ModelProto, init_max: float) -> set[str]:
 def _subgraph_note(model: onnx.ModelProto) -> list[str]:
     """A note naming the main-graph nodes with bodies (If, Loop, Scan): AutoCast leaves every node of a body as it
     is (FP32), so neither their ranges nor the rules are judged there, and the report should say so."""
-    parents = sorted(n.name for n in model.graph.node
-                     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute))
+    parents = sorted(n.name for n in model.graph.node if next(bodies(n), None) is not None)
     if not parents:
         return []
     inner = sum(1 for _ in iter_nodes(model.graph)) - len(model.graph.node)
@@ -263,7 +262,7 @@ def _kept_custom_nodes(model: onnx.ModelProto, keep: set[str], reasons: dict[str
     for node, spec in registry.custom_nodes(model):
         if node.name not in keep:
             continue
-        floats = {io.name for io in (*spec.inputs, *spec.outputs) if any(t in FLOAT_TYPES for t in io.types)}
+        floats = {io.name for io in (*spec.inputs, *spec.outputs) if float_io(io)}
         want = fp32_plan.get(node.op_type, {})
         not_fp32 = sorted(io for io in floats if want.get(io) != "fp32")
         if not_fp32:
@@ -304,11 +303,10 @@ def _autocast(model: onnx.ModelProto, keep: set[str], beyond: set[str], init_max
     AutoCast first cleans the graph up (it fuses a decomposed LayerNorm into one node, duplicates shared
     constants), so the range rule is applied by tensor name, which survives that, not by node name."""
     from qdqkit import modelopt_compat
-    from qdqkit.model import TOOL_COPY_EXTERNAL_BYTES, proto_size, save_model
 
     if modelopt_compat.modelopt_version() is None:
         raise UserError("the fp16 pass needs NVIDIA ModelOpt: pip install 'nvidia-modelopt[onnx]'")
-    with modelopt_compat.patched_modelopt(), modelopt_compat.run_in_private_dir(ctx.workdir) as tmp:
+    with modelopt_call(model, ctx.custom_ops, ctx.workdir) as (src, _, _):
         from modelopt.onnx.autocast import convert_to_mixed_precision
         from modelopt.onnx.autocast.nodeclassifier import NodeRuleBase
 
@@ -318,13 +316,10 @@ def _autocast(model: onnx.ModelProto, keep: set[str], beyond: set[str], init_max
             def _check_inner(self, node: Any) -> bool:
                 return node.name in keep or any(t in beyond for t in list(node.input) + list(node.output))
 
-        src = tmp / "model.onnx"
-        save_model(model, src, external_data=proto_size(model) > TOOL_COPY_EXTERNAL_BYTES, durable=False)
         # data_max=inf: the range decisions are qdqkit's (KeptInFp32), so AutoCast's own reference run (random
         # inputs without data, TensorRT's provider for custom ops) is skipped
-        with ctx.custom_ops.installed_in_onnxruntime(), modelopt_quiet():
-            return convert_to_mixed_precision(
-                onnx_path=str(src), low_precision_type="fp16", data_max=np.inf, init_max=init_max,
-                keep_io_types=keep_io_types, custom_rule=KeptInFp32(), providers=["cpu"],
-                opset=max(_MIN_OPSET, default_opset(model)),
-            )
+        return convert_to_mixed_precision(
+            onnx_path=str(src), low_precision_type="fp16", data_max=np.inf, init_max=init_max,
+            keep_io_types=keep_io_types, custom_rule=KeptInFp32(), providers=["cpu"],
+            opset=max(_MIN_OPSET, default_opset(model)),
+        )

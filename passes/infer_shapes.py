@@ -99,22 +99,13 @@ def _label(node: onnx.NodeProto) -> str:
 
 
 def _infer(proto: onnx.ModelProto, hints: list[onnx.ValueInfoProto], data_prop: bool) -> onnx.ModelProto:
-    # onnx serializes what it is given: hand it the weights only when they are light
-    if qmodel.weight_bytes(proto) < qmodel.LIGHT_WEIGHTS:
-        skeleton = onnx.ModelProto()
-        skeleton.CopyFrom(proto)
-    else:
-        skeleton = qmodel.structure_only(proto)
-    if hints:
-        have = {v.name for v in skeleton.graph.value_info}
-        skeleton.graph.value_info.extend(h for h in hints if h.name not in have)
     try:
-        return onnx.shape_inference.infer_shapes(skeleton, check_type=True, strict_mode=True, data_prop=data_prop)
+        return qmodel.inferred_structure(proto, hints=hints, check_type=True, strict_mode=True, data_prop=data_prop)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "No Op registered" in first or "is not a registered" in first:
-            return onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False,
-                                                     data_prop=data_prop)
+            return qmodel.inferred_structure(proto, hints=hints, check_type=False, strict_mode=False,
+                                             data_prop=data_prop)
         raise UserError(f"shape inference failed: {first}") from None
 
 

@@ -638,7 +638,7 @@ def default_opset(model: onnx.ModelProto) -> int:
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
 
-def _bodies(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+def bodies(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     """The body graphs of ``node`` (If/Loop/Scan, and rarely a custom-domain op)."""
     if node.op_type not in _SUBGRAPH_OPS and node.domain in STANDARD_DOMAINS:
         return  # only control flow carries subgraphs among standard ops: skip the attribute scan elsewhere
@@ -653,7 +653,7 @@ def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph`` and every body graph of its nodes, depth first."""
     yield graph
     for node in graph.node:
-        for body in _bodies(node):
+        for body in bodies(node):
             yield from iter_graphs(body)
 
 
@@ -661,7 +661,7 @@ def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """All nodes of ``graph`` and of its subgraphs (If/Loop/Scan bodies), depth first."""
     for node in graph.node:
         yield node
-        for body in _bodies(node):
+        for body in bodies(node):
             yield from iter_nodes(body)
 
 

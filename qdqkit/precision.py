@@ -108,9 +108,9 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
 def computed_types(model: onnx.ModelProto, types: dict[str, int] | None = None) -> dict[str, int]:
     """How many tensors the main graph's nodes compute, by element type ("float", "float16", ...; "untyped" where
     none is known), Casts and Q/DQ aside: for a strongly typed TensorRT build, what runs in which precision. By the
-    types given (``tensor_types``), or else as the model declares them (value_info and outputs)."""
+    types given (``tensor_types``), or else as the model declares them (``elem_types``)."""
     if types is None:
-        types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)}
+        types = elem_types(model.graph)
     counts = Counter(TensorProto.DataType.Name(types[t]).lower() if types.get(t) else "untyped"
                      for n in model.graph.node if n.op_type not in ("Cast", *QDQ_OPS)
                      for t in n.output if t)
@@ -183,7 +183,7 @@ def float_tensors(model: onnx.ModelProto) -> dict[str, int]:
     graph order, with their element types, from the model's own types (run shape inference first)."""
     g = model.graph
     inits = {t.name for t in g.initializer}
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    types = elem_types(g)
     names = [i.name for i in g.input if i.name not in inits]
     names += [t for n in g.node if n.op_type != "Constant" for t in n.output if t]
     return {t: types[t] for t in dict.fromkeys(names) if types.get(t) in FLOAT_ELEM_TYPES}

@@ -92,31 +92,26 @@ class ModelOptBackend:
     def quantize(self, model: onnx.ModelProto, job: QuantJob) -> onnx.ModelProto:
         from qdqkit import modelopt_compat
 
-        with modelopt_compat.patched_modelopt() as patch_notes, modelopt_compat.run_in_private_dir(job.workdir) as tmp:
+        job.custom_ops.register_onnx_schemas()
+        with modelopt_call(model, job.custom_ops, job.workdir) as (src, external, patch_notes):
             from modelopt.onnx.quantization import quantize
 
-            src, out = tmp / "model.onnx", tmp / "model.quant.onnx"
-            # proto_size sums the parts (ByteSize would serialize the whole model); save_model leaves ``model``
-            # as it is, where onnx.save with external data would move its weights out in place
-            external = proto_size(model) > TOOL_COPY_EXTERNAL_BYTES
-            save_model(model, src, external_data=external, durable=False)  # ModelOpt's private copy
-            job.custom_ops.register_onnx_schemas()
-            with job.custom_ops.installed_in_onnxruntime(), modelopt_quiet():
-                quantize(
-                    onnx_path=str(src),
-                    quantize_mode="int8",
-                    calibration_data_reader=job.reader,
-                    calibration_method=job.calibration_method,
-                    calibration_eps=["cpu"],
-                    nodes_to_exclude=_anchored(job.nodes_to_exclude),
-                    high_precision_dtype=job.high_precision,
-                    dq_only=False,
-                    simplify=False,
-                    trt_plugins_precision=job.plugin_flags or None,
-                    output_path=str(out),
-                    use_external_data_format=external,
-                    log_level="WARNING",
-                )
+            out = src.with_name("model.quant.onnx")
+            quantize(
+                onnx_path=str(src),
+                quantize_mode="int8",
+                calibration_data_reader=job.reader,
+                calibration_method=job.calibration_method,
+                calibration_eps=["cpu"],
+                nodes_to_exclude=_anchored(job.nodes_to_exclude),
+                high_precision_dtype=job.high_precision,
+                dq_only=False,
+                simplify=False,
+                trt_plugins_precision=job.plugin_flags or None,
+                output_path=str(out),
+                use_external_data_format=external,
+                log_level="WARNING",
+            )
             if not out.exists():
                 raise RuntimeError("ModelOpt finished without writing its output model")
             result = onnx.load(str(out))
@@ -192,6 +187,25 @@ def calibrator_prints_muted() -> Any:
 
 
 @contextlib.contextmanager
+def modelopt_call(model: onnx.ModelProto, registry: Any, workdir: Path | None) -> Any:
+    """What every call into ModelOpt (INT8 quantization, AutoCast) needs around it: the patches of
+    ``modelopt_compat``, a private working folder holding ``model`` saved as ``model.onnx`` (ModelOpt rewrites its
+    input and drops files where it runs; external data past ``TOOL_COPY_EXTERNAL_BYTES``), the custom ops' CPU
+    kernels in every onnxruntime session it makes, and ``modelopt_quiet``. Yields (the copy's path, whether it has
+    external data, the patches' ``PatchNotes``)."""
+    from qdqkit import modelopt_compat
+
+    with modelopt_compat.patched_modelopt() as notes, modelopt_compat.run_in_private_dir(workdir) as tmp:
+        src = tmp / "model.onnx"
+        # proto_size sums the parts (ByteSize would serialize the whole model); save_model leaves ``model`` as it
+        # is, where onnx.save with external data would move its weights out in place
+        external = proto_size(model) > TOOL_COPY_EXTERNAL_BYTES
+        save_model(model, src, external_data=external, durable=False)
+        with registry.installed_in_onnxruntime(), modelopt_quiet():
+            yield src, external, notes
+
+
+@contextlib.contextmanager
 def modelopt_quiet() -> Any:
     """What a call into ModelOpt (INT8 quantization, AutoCast) may say, brought down to what concerns the user, for
     both passes that make one: its loggers at WARNING (they log every step at INFO), the warnings that say nothing
@@ -238,7 +252,8 @@ class quiet_logger:
 
 # -- plugin precision ---------------------------------------------------------------------------------------------
 
-def _float_precision(io: Any) -> bool:
+def float_io(io: Any) -> bool:
+    """Whether a custom op's input or output (a spec's ``IOSpec``) takes a floating-point type."""
     return any(t in FLOAT_TYPES for t in io.types)
 
 
@@ -275,7 +290,7 @@ def plugin_precision_plan(
         chosen: dict[str, str] = {}
         for _, io in ios:
             allowed = tuple(formats.get(io.name, ()))
-            if not _float_precision(io):
+            if not float_io(io):
                 chosen[io.name] = next((t.split("(")[1][:-1] for t in io.types), "int64")
                 if io.name in asked:
                     raise UserError(f"plugin {op_type}: '{io.name}' is an integer input; its precision is fixed")

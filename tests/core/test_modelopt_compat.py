@@ -1050,8 +1050,6 @@ def test_a_shape_probe_answer_refuses_to_give_values():
     assert a.shape == (2, 3) and a.ndim == 2 and a.dtype == np.float32
     with pytest.raises(RuntimeError, match="patch 9"):
         np.asarray(a)
-    with pytest.raises((TypeError, AttributeError)):
-        a[0]  # reading a value
 
 
 def test_a_shape_probe_answer_ignores_a_stale_declared_shape():
