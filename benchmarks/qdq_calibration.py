@@ -137,6 +137,7 @@ VARIANTS = {
     "without-direct-histograms": {"direct_histograms": False},
     "without-read-ranges-only": {"read_ranges_only": False},
     "without-shape-probes": {"shape_probes": False},
+    "without-blocked-fetch": {"blocked_fetch": False},
 }
 # every switch of patched_modelopt off (derived, so that a patch added later is off here too)
 VARIANTS["modelopt-as-it-comes"] = {

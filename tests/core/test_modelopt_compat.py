@@ -168,8 +168,11 @@ def _residual_model() -> onnx.ModelProto:
 
 def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = False, method: str = "max",
                         direct: bool = False, shrinking: bool = False, read_only: bool = False,
-                        model=_conv_mlp_model, reader=None, high: str = "fp32", probes: bool = True) -> dict:
-    """Quantize the test model with the given patches (``probes``: patch 9); record what the calibration did. The
+                        model=_conv_mlp_model, reader=None, high: str = "fp32", probes: bool = True,
+                        blocked: bool = False) -> dict:
+    """Quantize the test model with the given patches (``probes``: patch 9, ``blocked``: patch 11, which changes
+    the kernels the observed tensors come from, so it is off where a test compares with ModelOpt bit for bit);
+    record what the calibration did. The
     samples are scaled up one after the other (every sample widens the ranges), or down with ``shrinking``; they go
     to ModelOpt as arrays, or through a reader of the class ``reader``."""
     import weakref
@@ -219,7 +222,7 @@ def _quantize_recording(tmp_path, fold: bool, running: bool, external: bool = Fa
     try:
         with modelopt_compat.patched_modelopt(fold_constants=fold, running_ranges=running,
                                               direct_histograms=direct, read_ranges_only=read_only,
-                                              shape_probes=probes) as notes, \
+                                              shape_probes=probes, blocked_fetch=blocked) as notes, \
                 modelopt_compat.run_in_private_dir(tmp_path) as d:
             proto = model()
             onnx.save(proto, d / "m.onnx")
@@ -812,6 +815,8 @@ def test_entropy_histograms_through_qdqkits_reader_are_modelopts(monkeypatch):
         return original(collector)
 
     monkeypatch.setattr(HistogramCollector, "compute_collection_result", spy)
+    # patch 11 off for both: it applies under patch 7's loop only, and its kernels round differently
+    monkeypatch.setattr(modelopt_compat, "calibration_outputs_blocked", lambda: contextlib.nullcontext([]))
     for loop in (True, False):  # patch 7's loop, then ModelOpt's (all else as shipped)
         if not loop:
             monkeypatch.setattr(modelopt_compat, "_releasing_histogram_loop", lambda original: original)
@@ -823,10 +828,156 @@ def test_entropy_histograms_through_qdqkits_reader_are_modelopts(monkeypatch):
     _assert_same_histograms(got[0], got[1])
 
 
-def test_entropy_calibration_as_shipped_gives_modelopts_scales(tmp_path, upstream_entropy):
+def test_entropy_calibration_as_shipped_but_patch_11_gives_modelopts_scales(tmp_path, upstream_entropy):
     rec = _quantize_recording(tmp_path, fold=True, running=True, method="entropy", direct=True)
     _assert_same_histograms(rec["histograms"], upstream_entropy["histograms"])
     _assert_same_scales(rec["scales"], upstream_entropy["scales"])
+
+
+# -- patch 11: histogram calibration at the full level, observed tensors fetched in the blocked layout ----------
+
+def test_blocked_outputs_takes_out_only_reorders_that_feed_nothing_but_an_output():
+    def reorder(src, dst, channels=32, last=0):
+        return helper.make_node("ReorderOutput", [src], [dst], domain="com.microsoft.nchwc", channels=channels,
+                                channels_last=last)
+
+    body = helper.make_graph([helper.make_node("Identity", ["o6"], ["i6"])], "body", [],
+                             [helper.make_tensor_value_info("i6", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Conv", ["x", "w"], [f"b{i}"], domain="com.microsoft.nchwc") for i in range(1, 8)]
+    nodes += [
+        reorder("b1", "o1"),  # taken out: b1 becomes o1, for its other (blocked) reader too
+        helper.make_node("Conv", ["b1", "w"], ["b1c"], domain="com.microsoft.nchwc"),
+        reorder("b2", "o2", channels=24),  # padded where blocks are 16 channels
+        reorder("b3", "o3", last=1),  # channels-last
+        reorder("b4", "o4"), helper.make_node("Relu", ["o4"], ["r4"]),  # read by another node
+        reorder("b5", "o5"),  # not a graph output
+        reorder("b6", "o6"), helper.make_node("If", ["c"], ["i6"], then_branch=body, else_branch=body),  # in a body
+        reorder("b7", "o7"), reorder("b7", "o7b"),  # one blocked tensor, two outputs: the first only
+    ]
+    outputs = ["o1", "o2", "o3", "o4", "o6", "o7", "o7b", "b1c", "r4", "i6"]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs])
+    graph.value_info.append(helper.make_tensor_value_info("b1", TensorProto.FLOAT, None))
+    model = helper.make_model(graph)
+    assert modelopt_compat.blocked_outputs(model) == {"o1": 32, "o7": 32}
+    reorders = {n.output[0] for n in model.graph.node if n.op_type == "ReorderOutput"}
+    assert reorders == {"o2", "o3", "o4", "o5", "o6", "o7b"}
+    produced = {o for n in model.graph.node for o in n.output}
+    assert {"o1", "o7"} <= produced and not {"b1", "b7"} & produced
+    assert [n.input[0] for n in model.graph.node if n.output[0] in ("b1c", "o7b")] == ["o1", "o7"]
+    assert [v.name for v in model.graph.value_info] == ["o1"]
+
+
+def _padded_model() -> onnx.ModelProto:
+    """Convolutions of 8 -> 24 -> 32 -> 16 channels: onnxruntime's blocks of 16 pad the 24."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(5)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["y"], pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype("float32") * 0.2, f"w{i}")
+             for i, s in enumerate([(24, 8, 3, 3), (32, 24, 3, 3), (16, 32, 3, 3)], 1)]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _full_level_reference(tmp_path, monkeypatch, model) -> dict:
+    """The same calibration at onnxruntime's full level with every tensor fetched as usual (reordered back to NCHW):
+    patch 11 with ``blocked_outputs`` finding the outputs but changing nothing."""
+    found = modelopt_compat.blocked_outputs
+    monkeypatch.setattr(modelopt_compat, "blocked_outputs", lambda m: found(onnx.ModelProto.FromString(
+        m.SerializeToString())))
+    try:
+        return _quantize_recording(tmp_path, fold=True, running=True, method="entropy", direct=True, model=model,
+                                   blocked=True)
+    finally:
+        monkeypatch.setattr(modelopt_compat, "blocked_outputs", found)
+
+
+def _spy_fetched(monkeypatch) -> list:
+    """A copy of every array the calibration sessions (patch 11's, and the reference's) return, by output name."""
+    import onnxruntime as ort
+
+    fetched: list = []
+    run = ort.InferenceSession.run
+
+    def spy(self, *a, **k):
+        out = run(self, *a, **k)
+        # copies: an observed graph input comes back over the feed's memory, which goes with the sample
+        fetched.append({o.name: value.copy() for o, value in zip(self.get_outputs(), out)})
+        return out
+
+    monkeypatch.setattr(ort.InferenceSession, "run", spy)
+    return fetched
+
+
+@pytest.mark.parametrize("model", [_conv_mlp_model, _residual_model, _padded_model])
+def test_entropy_calibration_fetched_blocked_has_the_full_levels_histograms(tmp_path, monkeypatch, model):
+    """Patch 11 hands the histograms the blocked tensors: the same values as the full level's reordered ones, in
+    another order, so the same histograms, bin for bin, and the same scales; close to ModelOpt's own (other
+    kernels round differently: an ulp or two); a padded tensor (24 channels) is fetched reordered."""
+    import numpy as np
+
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "blocked").mkdir()
+    fetched = _spy_fetched(monkeypatch)
+    ref = _full_level_reference(tmp_path / "ref", monkeypatch, model)
+    arrays_ref, fetched[:] = list(fetched), []
+    rec = _quantize_recording(tmp_path / "blocked", fold=True, running=True, method="entropy", direct=True,
+                              model=model, blocked=True)
+    line = [n for n in rec["notes"] if "patch 11" in n]
+    if "no observed tensor" in line[0]:
+        pytest.skip("onnxruntime has no blocked layout on this processor")
+    assert "blocked channel layout" in line[0]
+    _assert_same_histograms(rec["histograms"], ref["histograms"])
+    _assert_same_scales(rec["scales"], ref["scales"])
+    # what was fetched: per sample, the same multiset of values; some tensors in another order (blocked)
+    ours = [f for f in fetched if "r1" in f]  # the calibration session's runs (r1: a Conv's input in each model)
+    theirs = [f for f in arrays_ref if f.keys() == ours[0].keys()]
+    assert len(ours) == len(theirs) >= 8
+    reordered = set()
+    for mine, want in zip(ours, theirs):
+        for name, value in mine.items():
+            np.testing.assert_array_equal(np.sort(value, axis=None), np.sort(want[name], axis=None), err_msg=name)
+            if not np.array_equal(value, want[name]):
+                reordered.add(name)
+    assert reordered
+    if model is _padded_model:
+        assert "r1" not in reordered  # 24 channels: fetched reordered back, no padding in its histogram
+    upstream = _quantize_recording(tmp_path / "upstream", fold=False, running=False, method="entropy", model=model,
+                                   probes=False)
+    for name, value in rec["scales"].items():
+        np.testing.assert_allclose(value, upstream["scales"][name], rtol=1e-6, err_msg=name)
+
+
+
+def test_a_padded_tensor_fetched_blocked_is_refused(tmp_path, monkeypatch):
+    """Were the 24-channel tensor fetched blocked (padded to 32 by AVX-512's blocks of 16), its histogram would
+    count the padding: the check on the fetched shape refuses it."""
+    if not (modelopt_compat._NATIVE and "avx512" in modelopt_compat._NATIVE.simd_levels()):
+        pytest.skip("onnxruntime blocks channels by 16 only with AVX-512")
+    monkeypatch.setattr(modelopt_compat, "_NEVER_PADDED", 8)
+    with pytest.raises(RuntimeError, match="patch 11 fetched (c1|r1) .* expecting 24 channels"):
+        _quantize_recording(tmp_path, fold=True, running=True, method="entropy", direct=True, model=_padded_model,
+                            blocked=True)
+
+
+def test_blocked_fetch_only_for_a_histogram_calibration_on_the_cpu(tmp_path):
+    rec = _quantize_recording(tmp_path, fold=True, running=True, method="max", blocked=True)
+    assert not [n for n in rec["notes"] if "patch 11" in n]  # "max" observes through reductions: not for it
+
+    class Calibrator:
+        def collect_data(self, reader):
+            pass
+
+    Calibrator.collect_data.qdqkit_original = None  # as if patch 7's loop
+    for providers in (["CUDAExecutionProvider", "CPUExecutionProvider"], [("TensorrtExecutionProvider", {})], []):
+        assert "CPU provider alone" in modelopt_compat._blocked_model(Calibrator(), {"execution_providers": providers})
+    del Calibrator.collect_data.qdqkit_original
+    assert "patch 7" in modelopt_compat._blocked_model(Calibrator(), {"execution_providers": ["CPUExecutionProvider"]})
 
 
 # -- patch 8: only the ranges the quantizer reads are calibrated -------------------------------------------------
