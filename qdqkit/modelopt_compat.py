@@ -142,25 +142,26 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      precision prints ModelOpt's warning on stdout upstream, nothing with the patch, and the record reaches the
      root logger either way.
 
- 11. A histogram calibration's session on the CPU (patch 4's extended level) cannot use onnxruntime's NCHWc
-     layout, whose blocked convolutions are what the full level (``ORT_ENABLE_ALL``) gains on a ResNet; at the full
-     level every observed tensor would be copied back to NCHW (a ``ReorderOutput``) to become a graph output, and
-     those copies cost what the layout gains. But a histogram, its extremes, and so its scale do not depend on the
-     order of the values. Inside the block, that session's model is optimized at the full level and saved
-     (``optimized_model_filepath``, in onnxruntime's temporary folder for the call), each ``ReorderOutput`` that
-     feeds nothing but a graph output is taken out (``blocked_outputs``) so that the blocked tensor itself is
-     fetched under the output's name, and the session runs that model with no further optimization. Only where
-     no padding can arise: MLAS blocks channels by 8 or 16, so the channel count must be a multiple of 16 (and the
-     fetched shape is checked: ``unpadded``); other tensors keep their ``ReorderOutput``. Only for the session of
-     a histogram calibration (entropy, percentile, distribution) run by patch 7's loop, which hands the outputs to
-     the histograms and nowhere else; not on another provider, not for a model saved with external data.
-     The values come from other kernels than at the extended level, so they round differently: on the test
-     models the histograms and scales are the full level's bin for bin (fetched reordered, as usual), and the scales
-     an ulp or two from ModelOpt's own (tested: within 1e-6 relative). ``PatchNotes`` says how many tensors were fetched blocked.
-     Measured (RESULTS.md, ``benchmarks/qdq_calibration.py --time-only --bevformer --method entropy --variants
-     shipped without-blocked-fetch``): BEVFormer-tiny, 55 of 88 fetched tensors blocked; entropy calibration 1.25x
-     a plain frame per frame (slope; steady interval 1.18x, of which the run 1.06x) against 1.41x (1.33x, 1.20x)
-     without the patch; fixed overhead 22.2 s against 20.0 s (the extra optimized model); scales within 6e-7.
+ 11. A histogram calibration's session on the CPU (patch 4's extended level) cannot use onnxruntime's NCHWc layout,
+     whose blocked convolutions are what the full level (``ORT_ENABLE_ALL``) gains on a ResNet; at the full level
+     every observed tensor would be copied back to NCHW (a ``ReorderOutput``) to become a graph output, and those
+     copies cost what the layout gains. But a histogram, its extremes, and so its scale do not depend on the order of
+     the values. Inside the block, that session's model is optimized at the full level and saved
+     (``optimized_model_filepath``, its weights in a file beside it, in onnxruntime's temporary folder for the call),
+     each ``ReorderOutput`` that feeds nothing but a graph output is taken out (``blocked_outputs``) so that the
+     blocked tensor itself is fetched under the output's name, and the session runs that model with no further
+     optimization. Only where no padding can arise: MLAS blocks channels by 8 or 16, so the channel count must be a
+     multiple of 16 (and the fetched shape is checked: ``unpadded``); other tensors keep their ``ReorderOutput``.
+     Only for the session of a histogram calibration (entropy, percentile, distribution) run by patch 7's loop, which
+     hands the outputs to the histograms and nowhere else; not on another provider, not for a model saved with
+     external data. The values come from other kernels than at the extended level, so they round differently: on the
+     test models the histograms and scales are the full level's bin for bin (fetched reordered, as usual), and the
+     scales an ulp or two from ModelOpt's own (tested: within 1e-6 relative). ``PatchNotes`` says how many tensors
+     were fetched blocked. Measured (RESULTS.md, ``benchmarks/qdq_calibration.py --time-only --bevformer --method
+     entropy --variants shipped without-blocked-fetch``): on BEVFormer-tiny 55 of 88 fetched tensors come blocked;
+     entropy calibration costs 1.20-1.25x a plain frame per frame (slope, two runs; steady interval 1.17-1.18x, of
+     which the run 1.05-1.06x) against 1.33-1.41x (1.32-1.33x, 1.19-1.20x) without the patch, fixed overhead 20.1 s
+     against 20.0 s; scales within 6e-7.
 
 Not patched but handled by the caller (`run_in_private_dir`): ModelOpt rewrites its input file in place and drops
 ``sym_shape_infer_temp.onnx`` and ``<uuid>.data`` in the current directory, so it runs on a private copy with
@@ -1421,15 +1422,18 @@ def _blocked_model(calibrator: Any, kwargs: dict) -> tuple[str, dict[str, int], 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.optimized_model_filepath = optimized
+    # the weights in a file beside it, untouched by the edit below: only the graph is read and written again
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                     os.path.basename(optimized) + ".data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     options.log_severity_level = 3  # not its warning that the file suits this machine only: it is used once, here
     try:
         ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
-        model = onnx.load(optimized)
+        model = onnx.load(optimized, load_external_data=False)
     except Exception as e:  # the extended level's session may still work: ModelOpt's own call will tell
         return f"onnxruntime could not optimize it at the full level and save it ({type(e).__name__}: {e})"
     channels = blocked_outputs(model)
     if not channels:
-        os.remove(optimized)
         return "onnxruntime put no observed tensor in its blocked layout"
     onnx.save(model, optimized)
     return optimized, channels, len(model.graph.output)
