@@ -153,15 +153,16 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      optimization. Only where no padding can arise: MLAS blocks channels by 8 or 16, so the channel count must be a
      multiple of 16 (and the fetched shape is checked: ``unpadded``); other tensors keep their ``ReorderOutput``.
      Only for the session of a histogram calibration (entropy, percentile, distribution) run by patch 7's loop, which
-     hands the outputs to the histograms and nowhere else; not on another provider, not for a model saved with
-     external data. The values come from other kernels than at the extended level, so they round differently: on the
-     test models the histograms and scales are the full level's bin for bin (fetched reordered, as usual), and the
-     scales an ulp or two from ModelOpt's own (tested: within 1e-6 relative). ``PatchNotes`` says how many tensors
-     were fetched blocked. Measured (RESULTS.md, ``benchmarks/qdq_calibration.py --time-only --bevformer --method
-     entropy --variants shipped without-blocked-fetch``): on BEVFormer-tiny 55 of 88 fetched tensors come blocked;
-     entropy calibration costs 1.20-1.25x a plain frame per frame (slope, two runs; steady interval 1.17-1.18x, of
-     which the run 1.05-1.06x) against 1.33-1.41x (1.32-1.33x, 1.19-1.20x) without the patch, fixed overhead 20.1 s
-     against 20.0 s; scales within 6e-7.
+     hands the outputs to the histograms and nowhere else; not on another provider (a model saved with external data
+     is fine: the full level's model keeps its weights beside it as well). The values come from other kernels than at
+     the extended level, so they round differently: on the test models the histograms and scales are the full level's
+     bin for bin (fetched reordered, as usual), and the scales an ulp or two from ModelOpt's own (tested: within 1e-6
+     relative). ``PatchNotes`` says how many tensors were fetched blocked. Measured (RESULTS.md,
+     ``benchmarks/qdq_calibration.py --time-only --bevformer --method entropy --variants shipped
+     without-blocked-fetch``): on BEVFormer-tiny 55 of 88 fetched tensors come blocked; entropy calibration costs
+     1.20-1.25x a plain frame per frame (slope, two runs; steady interval 1.17-1.18x, of which the run 1.05-1.06x)
+     against 1.33-1.41x (1.32-1.33x, 1.19-1.20x) without the patch, fixed overhead 20.1 s against 20.0 s; scales
+     within 6e-7.
 
 Not patched but handled by the caller (`run_in_private_dir`): ModelOpt rewrites its input file in place and drops
 ``sym_shape_infer_temp.onnx`` and ``<uuid>.data`` in the current directory, so it runs on a private copy with
@@ -1403,8 +1404,8 @@ def blocked_outputs(model: Any) -> dict[str, int]:
 
 
 def _blocked_model(calibrator: Any, kwargs: dict) -> tuple[str, dict[str, int], int] | str:
-    """A histogram calibration's session model optimized at ``ORT_ENABLE_ALL`` and saved with ``blocked_outputs`` applied,
-    with the outputs changed and the number of outputs; or why patch 11 does not apply to this session."""
+    """The model of a histogram calibration's session optimized at ``ORT_ENABLE_ALL`` and saved with
+    ``blocked_outputs`` applied, the outputs changed and the number of outputs; or why patch 11 does not apply."""
     # the outputs must reach nothing but the histograms, whose counts do not depend on the order of the values:
     # patch 7's loop hands them to the collector and nowhere else (per-node calibration, say, feeds them on)
     if not hasattr(type(calibrator).collect_data, "qdqkit_original"):
@@ -1412,8 +1413,6 @@ def _blocked_model(calibrator: Any, kwargs: dict) -> tuple[str, dict[str, int], 
     providers = [p[0] if isinstance(p, tuple) else p for p in kwargs.get("execution_providers") or []]
     if not providers or set(providers) != {"CPUExecutionProvider"} or kwargs.get("trt_extra_plugin_lib_paths"):
         return "the session does not run on onnxruntime's CPU provider alone"
-    if getattr(calibrator, "use_external_data_format", False):
-        return "the model is saved with external data"
     import onnx
     import onnxruntime as ort
 

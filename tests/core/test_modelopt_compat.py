@@ -965,6 +965,14 @@ def test_a_padded_tensor_fetched_blocked_is_refused(tmp_path, monkeypatch):
                             blocked=True)
 
 
+def test_blocked_fetch_of_a_model_with_external_data_has_the_same_histograms(tmp_path):
+    recs = [_quantize_recording(tmp_path / str(external), fold=True, running=True, method="entropy", direct=True,
+                                blocked=True, external=external) for external in (False, True)]
+    for rec in recs:
+        assert [n for n in rec["notes"] if "patch 11" in n and "blocked channel layout" in n]
+    _assert_same_histograms(recs[1]["histograms"], recs[0]["histograms"])
+
+
 def test_blocked_fetch_only_for_a_histogram_calibration_on_the_cpu(tmp_path):
     rec = _quantize_recording(tmp_path, fold=True, running=True, method="max", blocked=True)
     assert not [n for n in rec["notes"] if "patch 11" in n]  # "max" observes through reductions: not for it
