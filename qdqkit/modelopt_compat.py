@@ -142,27 +142,28 @@ Tested against ModelOpt 0.47. Each patched behaviour below has its own test in
      precision prints ModelOpt's warning on stdout upstream, nothing with the patch, and the record reaches the
      root logger either way.
 
- 11. A histogram calibration's session on the CPU (patch 4's extended level) cannot use onnxruntime's NCHWc layout,
-     whose blocked convolutions are what the full level (``ORT_ENABLE_ALL``) gains on a ResNet; at the full level
-     every observed tensor would be copied back to NCHW (a ``ReorderOutput``) to become a graph output, and those
-     copies cost what the layout gains. But a histogram, its extremes, and so its scale do not depend on the order of
-     the values. Inside the block, that session's model is optimized at the full level and saved
-     (``optimized_model_filepath``, its weights in a file beside it, in onnxruntime's temporary folder for the call),
-     each ``ReorderOutput`` that feeds nothing but a graph output is taken out (``blocked_outputs``) so that the
-     blocked tensor itself is fetched under the output's name, and the session runs that model with no further
-     optimization. Only where no padding can arise: MLAS blocks channels by 8 or 16, so the channel count must be a
-     multiple of 16 (and the fetched shape is checked: ``unpadded``); other tensors keep their ``ReorderOutput``.
-     Only for the session of a histogram calibration (entropy, percentile, distribution) run by patch 7's loop, which
-     hands the outputs to the histograms and nowhere else; not on another provider (a model saved with external data
-     is fine: the full level's model keeps its weights beside it as well). The values come from other kernels than at
-     the extended level, so they round differently: on the test models the histograms and scales are the full level's
-     bin for bin (fetched reordered, as usual), and the scales an ulp or two from ModelOpt's own (tested: within 1e-6
-     relative). ``PatchNotes`` says how many tensors were fetched blocked. Measured (RESULTS.md,
-     ``benchmarks/qdq_calibration.py --time-only --bevformer --method entropy --variants shipped
-     without-blocked-fetch``): on BEVFormer-tiny 55 of 88 fetched tensors come blocked; entropy calibration costs
-     1.20-1.25x a plain frame per frame (slope, two runs; steady interval 1.17-1.18x, of which the run 1.05-1.06x)
-     against 1.33-1.41x (1.32-1.33x, 1.19-1.20x) without the patch, fixed overhead 20.1 s against 20.0 s; scales
-     within 6e-7.
+ 11. A calibration session on the CPU (patch 4's extended level) cannot use onnxruntime's NCHWc layout, whose blocked
+     convolutions are what the full level (``ORT_ENABLE_ALL``) gains on a ResNet; at the full level every observed
+     tensor would be copied back to NCHW (a ``ReorderOutput``) to become a graph output or to feed the reductions of
+     "max", and those copies cost what the layout gains. But a histogram, a minimum and a maximum, and so a scale, do
+     not depend on the order of the values. Inside the block, the session's model is optimized at the full level and
+     saved (``optimized_model_filepath``, its weights in a file beside it, in onnxruntime's temporary folder for the
+     call), and ``blocked_reads`` takes out each ``ReorderOutput`` whose tensor goes only to a ReduceMin or ReduceMax
+     over every axis (any calibration), or only to a graph output of a histogram calibration (entropy, percentile,
+     distribution) run by patch 7's loop, which hands its outputs to the histograms and nowhere else; the reductions
+     then read the blocked tensor, and a blocked output is fetched under the output's name. The session runs that
+     model with no further optimization. Only where no padding can arise: MLAS blocks channels by 8 or 16, so the
+     channel count must be a multiple of 16 (a fetched output's shape is checked as well: ``unpadded``); other
+     tensors keep their ``ReorderOutput``. Not on another provider, not for per-node calibration; a model saved with
+     external data is fine. The values come from other kernels than at the extended level, so they round differently:
+     on the test models the histograms and scales are the full level's bin for bin and bit for bit (tensors
+     reordered, as usual), and the scales an ulp or two from ModelOpt's own (tested: within 1e-6 relative).
+     ``PatchNotes`` says how many tensors were read blocked. Measured (RESULTS.md, ``benchmarks/qdq_calibration.py
+     --time-only --bevformer --method entropy --variants shipped without-blocked-fetch``): on BEVFormer-tiny 55 of 88
+     fetched tensors come blocked; entropy calibration costs 1.20-1.25x a plain frame per frame (slope, two runs;
+     steady interval 1.17-1.18x, of which the run 1.05-1.06x) against 1.33-1.41x (1.32-1.33x, 1.19-1.20x) without the
+     patch, fixed overhead 20.1 s against 20.0 s; scales within 6e-7. "max" (``--method max``, 55 of 82 reduced
+     tensors blocked): 1.10x against 1.20x, scales within 7e-7.
 
 Not patched but handled by the caller (`run_in_private_dir`): ModelOpt rewrites its input file in place and drops
 ``sym_shape_infer_temp.onnx`` and ``<uuid>.data`` in the current directory, so it runs on a private copy with
@@ -1087,11 +1088,12 @@ class PatchNotes:
         out = [line for line in (c.note() for c in self._calls) if line]
         for session in self._blocked:
             if isinstance(session, str):
-                out.append(f"histogram calibration at onnxruntime's extended optimization level: {session} "
+                out.append(f"calibration at onnxruntime's extended optimization level: {session} "
                            "(qdqkit patch 11 off for the session)")
             else:
-                out.append(f"histogram calibration at onnxruntime's full optimization level, {session[0]} of its "
-                           f"{session[1]} fetched tensors in onnxruntime's blocked channel layout (qdqkit patch 11)")
+                out.append(f"calibration at onnxruntime's full optimization level, {session[1]} of the "
+                           f"{session[2]} {session[0]} tensors in onnxruntime's blocked channel layout "
+                           "(qdqkit patch 11)")
         if self._probes:
             answered = sum(self._probes)
             out.append(f"{answered} of ModelOpt's {len(self._probes)} shape probes answered by shape inference "
@@ -1357,7 +1359,7 @@ def own_log_handlers_off() -> Iterator[None]:
                 log.addHandler(handler)
 
 
-# -- patch 11: histogram calibration at the full level, its observed tensors fetched in the blocked layout -------
+# -- patch 11: calibration at the full level, its observed tensors read in the blocked layout ----------------------
 
 _SESSION_MAKER = ("modelopt.onnx.quantization.ort_patching", "_create_inference_session_with_ep_config")
 _NCHWC_DOMAIN = "com.microsoft.nchwc"
@@ -1365,50 +1367,72 @@ _NEVER_PADDED = 16  # MLAS's NCHWc layout blocks channels by 8 or 16: a multiple
 _PREOPTIMIZED: set[str] = set()  # model files optimized already, which patch 4 leaves at ORT_DISABLE_ALL
 
 
-def blocked_outputs(model: Any) -> dict[str, int]:
+def _full_min_or_max(node: Any) -> bool:
+    """A ReduceMin or ReduceMax over every axis: its result does not depend on the order of the values."""
+    attrs = {a.name: a.i for a in node.attribute}
+    return node.domain in ("", "ai.onnx") and node.op_type in ("ReduceMin", "ReduceMax") and len(node.input) == 1 \
+        and "axes" not in attrs and not attrs.get("noop_with_empty_axes", 0)
+
+
+def blocked_reads(model: Any, outputs: bool) -> dict[str, int]:
     """Take out of ``model`` (saved by onnxruntime at ``ORT_ENABLE_ALL``) every ``ReorderOutput`` that converts a
-    tensor from the NCHWc layout back to NCHW only to make it a graph output: nothing else reads the output, it is
-    not channels-last, and its channel count is a multiple of 16, so the blocked tensor holds the same values in
-    another order and no padding. The blocked tensor takes the output's name. Returns the outputs changed, with
-    their channel counts (patch 11)."""
+    tensor from the NCHWc layout back to NCHW only for what does not depend on the order of the values: a graph
+    output nothing else reads (only with ``outputs``: the caller guarantees that those outputs go to histograms),
+    or ReduceMin/ReduceMax over every axis (which are all that reads it). Only where it is not channels-last and
+    its channel count is a multiple of 16, so the blocked tensor holds the same values in another order and no
+    padding. A blocked output takes the output's name; the reductions read the blocked tensor. Returns the tensors
+    no longer reordered, with their channel counts (patch 11)."""
     from qdqkit.customops import iter_graphs
 
     graph = model.graph
-    outputs = {o.name for o in graph.output}
-    read = {name for g in iter_graphs(graph) for node in g.node for name in node.input}
-    renamed: dict[str, str] = {}
+    graph_outputs = {o.name for o in graph.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    in_bodies = {name for g in list(iter_graphs(graph))[1:] for node in g.node for name in node.input}
+    renamed: dict[str, str] = {}  # blocked tensor -> output name
+    reduced: dict[str, str] = {}  # reordered tensor -> blocked tensor
     channels: dict[str, int] = {}
     kept = []
     for node in graph.node:
         attrs = {a.name: a.i for a in node.attribute}
         count = attrs.get("channels", 0)
-        if node.domain == _NCHWC_DOMAIN and node.op_type == "ReorderOutput" and node.output[0] in outputs and \
-                node.output[0] not in read and not attrs.get("channels_last", 0) and count > 0 and \
-                count % _NEVER_PADDED == 0 and node.input[0] not in renamed and node.input[0] not in outputs:
-            renamed[node.input[0]] = node.output[0]
-            channels[node.output[0]] = count
-        else:
-            kept.append(node)
-    if renamed:
+        if node.domain == _NCHWC_DOMAIN and node.op_type == "ReorderOutput" and not attrs.get("channels_last", 0) \
+                and count > 0 and count % _NEVER_PADDED == 0 and node.output[0] not in in_bodies:
+            blocked, plain = node.input[0], node.output[0]
+            read = readers.get(plain, [])
+            if outputs and plain in graph_outputs and not read and blocked not in renamed \
+                    and blocked not in graph_outputs:
+                renamed[blocked] = plain
+                channels[plain] = count
+                continue
+            if plain not in graph_outputs and read and all(map(_full_min_or_max, read)):
+                reduced[plain] = blocked
+                channels[plain] = count
+                continue
+        kept.append(node)
+    if channels:
         del graph.node[:]
         graph.node.extend(kept)
         for node in graph.node:
-            for names in (node.input, node.output):
+            # reductions first: a blocked tensor they now read may itself take an output's name
+            for names, table in ((node.input, reduced), (node.input, renamed), (node.output, renamed)):
                 for i, name in enumerate(names):
-                    if name in renamed:
-                        names[i] = renamed[name]
+                    if name in table:
+                        names[i] = table[name]
         for info in graph.value_info:
             if info.name in renamed:
                 info.name = renamed[info.name]
     return channels
 
 
-def _blocked_model(calibrator: Any, kwargs: dict) -> tuple[str, dict[str, int], int] | str:
-    """The model of a histogram calibration's session optimized at ``ORT_ENABLE_ALL`` and saved with
-    ``blocked_outputs`` applied, the outputs changed and the number of outputs; or why patch 11 does not apply."""
-    # the outputs must reach nothing but the histograms, whose counts do not depend on the order of the values:
-    # patch 7's loop hands them to the collector and nowhere else (per-node calibration, say, feeds them on)
-    if not hasattr(type(calibrator).collect_data, "qdqkit_original"):
+def _blocked_model(calibrator: Any, kwargs: dict, outputs: bool) -> tuple[str, dict[str, int], int] | str:
+    """The model of a calibration's session optimized at ``ORT_ENABLE_ALL`` and saved with ``blocked_reads``
+    applied, the tensors no longer reordered and how many it observes; or why patch 11 does not apply."""
+    if outputs and not hasattr(type(calibrator).collect_data, "qdqkit_original"):
+        # a histogram calibration's outputs must reach nothing but the histograms: patch 7's loop hands them to the
+        # collector and nowhere else (per-node calibration, say, feeds them on)
         return "the calibration loop is not patch 7's"
     providers = [p[0] if isinstance(p, tuple) else p for p in kwargs.get("execution_providers") or []]
     if not providers or set(providers) != {"CPUExecutionProvider"} or kwargs.get("trt_extra_plugin_lib_paths"):
@@ -1431,34 +1455,39 @@ def _blocked_model(calibrator: Any, kwargs: dict) -> tuple[str, dict[str, int], 
         model = onnx.load(optimized, load_external_data=False)
     except Exception as e:  # the extended level's session may still work: ModelOpt's own call will tell
         return f"onnxruntime could not optimize it at the full level and save it ({type(e).__name__}: {e})"
-    channels = blocked_outputs(model)
+    channels = blocked_reads(model, outputs)
     if not channels:
         return "onnxruntime put no observed tensor in its blocked layout"
     onnx.save(model, optimized)
-    return optimized, channels, len(model.graph.output)
+    observed = len(model.graph.output) if outputs else \
+        len({n.input[0] for n in model.graph.node if _full_min_or_max(n)})
+    return optimized, channels, observed
 
 
 def _blocked_session_maker(original: Any, notes: list) -> Any:
-    """ModelOpt's ``create_inference_session``; for a histogram calibration on the CPU, on the model
-    ``_blocked_model`` makes (patch 11). What happened, per session, goes to ``notes``."""
+    """ModelOpt's ``create_inference_session``; for a histogram or "max" calibration on the CPU, on the model
+    ``_blocked_model`` makes (patch 11). What happened, per session, goes to ``notes``: (what the session does
+    with the observed tensors, how many are read blocked, how many it observes), or why the patch did not apply."""
 
     def create_inference_session(calibrator: Any, **kwargs: Any) -> None:
-        from onnxruntime.quantization.calibrate import HistogramCalibrater
+        from onnxruntime.quantization.calibrate import HistogramCalibrater, MinMaxCalibrater
 
-        if kwargs.get("model_path") is not None or not isinstance(calibrator, HistogramCalibrater):
+        histograms = isinstance(calibrator, HistogramCalibrater)
+        if kwargs.get("model_path") is not None or not (histograms or isinstance(calibrator, MinMaxCalibrater)):
             return original(calibrator, **kwargs)
-        made = _blocked_model(calibrator, kwargs)
+        made = _blocked_model(calibrator, kwargs, outputs=histograms)
         if isinstance(made, str):
             notes.append(made)
             return original(calibrator, **kwargs)
-        path, channels, outputs = made
+        path, channels, observed = made
         _PREOPTIMIZED.add(path)
         try:
             original(calibrator, **{**kwargs, "model_path": path})
         finally:
             _PREOPTIMIZED.discard(path)
-        calibrator.qdqkit_blocked = channels
-        notes.append((len(channels), outputs))
+        if histograms:
+            calibrator.qdqkit_blocked = channels
+        notes.append(("fetched" if histograms else "reduced", len(channels), observed))
 
     create_inference_session.qdqkit_original = original  # type: ignore[attr-defined]
     return create_inference_session
@@ -1475,9 +1504,10 @@ def unpadded(name: str, value: Any, channels: int) -> None:
 
 @contextlib.contextmanager
 def calibration_outputs_blocked() -> Iterator[list]:
-    """Inside the block, the session of a histogram calibration on the CPU runs at ``ORT_ENABLE_ALL`` with the
-    observed tensors fetched in onnxruntime's blocked layout where no padding can arise (patch 11). Yields a list
-    that receives, per calibration session, (outputs fetched blocked, outputs) or why the patch did not apply."""
+    """Inside the block, the session of a histogram or "max" calibration on the CPU runs at ``ORT_ENABLE_ALL`` with
+    the observed tensors read in onnxruntime's blocked layout where no padding can arise (patch 11). Yields a list
+    that receives, per calibration session, ("fetched" or "reduced", tensors read blocked, tensors observed) or why
+    the patch did not apply."""
     mod = importlib.import_module(_SESSION_MAKER[0])
     current = getattr(mod, _SESSION_MAKER[1])
     notes: list = []
@@ -1494,7 +1524,7 @@ def patched_modelopt(fold_constants: bool = True, running_ranges: bool = True,
                      shape_probes: bool = True, log_handlers_off: bool = True,
                      blocked_fetch: bool = True) -> Iterator[PatchNotes]:
     """Apply the patches listed in the module docstring for the duration of the block (re-entrant).
-    ``direct_histograms`` switches patches 6 and 7 together (patch 11 needs 7); ``read_ranges_only`` is patch 8,
+    ``direct_histograms`` switches patches 6 and 7 together (patch 11 needs 7 for histograms); ``read_ranges_only`` is patch 8,
     ``shape_probes`` patch 9, ``log_handlers_off`` patch 10, ``blocked_fetch`` patch 11. Yields the
     ``PatchNotes`` of the block."""
     check_version()

@@ -834,38 +834,57 @@ def test_entropy_calibration_as_shipped_but_patch_11_gives_modelopts_scales(tmp_
     _assert_same_scales(rec["scales"], upstream_entropy["scales"])
 
 
-# -- patch 11: histogram calibration at the full level, observed tensors fetched in the blocked layout ----------
+# -- patch 11: calibration at the full level, observed tensors read in the blocked layout -----------------------
 
-def test_blocked_outputs_takes_out_only_reorders_that_feed_nothing_but_an_output():
+def test_blocked_reads_take_out_only_reorders_that_feed_nothing_order_dependent():
     def reorder(src, dst, channels=32, last=0):
         return helper.make_node("ReorderOutput", [src], [dst], domain="com.microsoft.nchwc", channels=channels,
                                 channels_last=last)
 
     body = helper.make_graph([helper.make_node("Identity", ["o6"], ["i6"])], "body", [],
                              [helper.make_tensor_value_info("i6", TensorProto.FLOAT, None)])
-    nodes = [helper.make_node("Conv", ["x", "w"], [f"b{i}"], domain="com.microsoft.nchwc") for i in range(1, 8)]
+    nodes = [helper.make_node("Conv", ["x", "w"], [f"b{i}"], domain="com.microsoft.nchwc") for i in range(1, 14)]
     nodes += [
         reorder("b1", "o1"),  # taken out: b1 becomes o1, for its other (blocked) reader too
         helper.make_node("Conv", ["b1", "w"], ["b1c"], domain="com.microsoft.nchwc"),
         reorder("b2", "o2", channels=24),  # padded where blocks are 16 channels
         reorder("b3", "o3", last=1),  # channels-last
         reorder("b4", "o4"), helper.make_node("Relu", ["o4"], ["r4"]),  # read by another node
-        reorder("b5", "o5"),  # not a graph output
+        reorder("b5", "o5"),  # not a graph output, not reduced
         reorder("b6", "o6"), helper.make_node("If", ["c"], ["i6"], then_branch=body, else_branch=body),  # in a body
         reorder("b7", "o7"), reorder("b7", "o7b"),  # one blocked tensor, two outputs: the first only
+        # reductions over every axis: taken out, the reductions read the blocked tensor
+        reorder("b8", "t8"), helper.make_node("ReduceMin", ["t8"], ["t8_min"], keepdims=1),
+        helper.make_node("ReduceMax", ["t8"], ["t8_max"], keepdims=1),
+        reorder("b1", "t1"), helper.make_node("ReduceMax", ["t1"], ["t1_max"], keepdims=0),  # b1, now o1
+        # reductions that depend on the layout, or another reader beside them: kept
+        reorder("b9", "t9"), helper.make_node("ReduceMin", ["t9"], ["t9_min"], axes=[0, 2, 3]),
+        reorder("b10", "t10"), helper.make_node("ReduceMin", ["t10", "axes"], ["t10_min"]),
+        reorder("b11", "t11"), helper.make_node("ReduceMin", ["t11"], ["t11_min"], noop_with_empty_axes=1),
+        reorder("b12", "t12"), helper.make_node("ReduceMin", ["t12"], ["t12_min"]),
+        helper.make_node("Relu", ["t12"], ["r12"]),
+        reorder("b13", "t13", channels=24), helper.make_node("ReduceMax", ["t13"], ["t13_max"]),
     ]
-    outputs = ["o1", "o2", "o3", "o4", "o6", "o7", "o7b", "b1c", "r4", "i6"]
+    outputs = ["o1", "o2", "o3", "o4", "o6", "o7", "o7b", "b1c", "r4", "i6", "t8_min", "t8_max", "t1_max", "t9_min",
+               "t10_min", "t11_min", "t12_min", "r12", "t13_max"]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs])
     graph.value_info.append(helper.make_tensor_value_info("b1", TensorProto.FLOAT, None))
+    before = graph.SerializeToString()
     model = helper.make_model(graph)
-    assert modelopt_compat.blocked_outputs(model) == {"o1": 32, "o7": 32}
+    assert modelopt_compat.blocked_reads(model, outputs=True) == {"o1": 32, "o7": 32, "t8": 32, "t1": 32}
     reorders = {n.output[0] for n in model.graph.node if n.op_type == "ReorderOutput"}
-    assert reorders == {"o2", "o3", "o4", "o5", "o6", "o7b"}
+    assert reorders == {"o2", "o3", "o4", "o5", "o6", "o7b", "t9", "t10", "t11", "t12", "t13"}
     produced = {o for n in model.graph.node for o in n.output}
     assert {"o1", "o7"} <= produced and not {"b1", "b7"} & produced
-    assert [n.input[0] for n in model.graph.node if n.output[0] in ("b1c", "o7b")] == ["o1", "o7"]
+    reads = {n.output[0]: n.input[0] for n in model.graph.node}
+    assert [reads[t] for t in ("b1c", "o7b", "t8_min", "t8_max", "t1_max")] == ["o1", "o7", "b8", "b8", "o1"]
     assert [v.name for v in model.graph.value_info] == ["o1"]
+    # without outputs (a "max" calibration's session): the reductions only
+    model = helper.make_model(onnx.GraphProto.FromString(before))
+    assert modelopt_compat.blocked_reads(model, outputs=False) == {"t8": 32, "t1": 32}
+    reads = {n.output[0]: n.input[0] for n in model.graph.node}
+    assert [reads[t] for t in ("b1c", "t8_min", "t1_max")] == ["b1", "b8", "b1"] and "o1" in reads
 
 
 def _padded_model() -> onnx.ModelProto:
@@ -884,17 +903,17 @@ def _padded_model() -> onnx.ModelProto:
     return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _full_level_reference(tmp_path, monkeypatch, model) -> dict:
-    """The same calibration at onnxruntime's full level with every tensor fetched as usual (reordered back to NCHW):
-    patch 11 with ``blocked_outputs`` finding the outputs but changing nothing."""
-    found = modelopt_compat.blocked_outputs
-    monkeypatch.setattr(modelopt_compat, "blocked_outputs", lambda m: found(onnx.ModelProto.FromString(
-        m.SerializeToString())))
+def _full_level_reference(tmp_path, monkeypatch, model, method: str = "entropy") -> dict:
+    """The same calibration at onnxruntime's full level with every tensor read as usual (reordered back to NCHW):
+    patch 11 with ``blocked_reads`` finding the tensors but changing nothing."""
+    found = modelopt_compat.blocked_reads
+    monkeypatch.setattr(modelopt_compat, "blocked_reads", lambda m, outputs: found(onnx.ModelProto.FromString(
+        m.SerializeToString()), outputs))
     try:
-        return _quantize_recording(tmp_path, fold=True, running=True, method="entropy", direct=True, model=model,
+        return _quantize_recording(tmp_path, fold=True, running=True, method=method, direct=True, model=model,
                                    blocked=True)
     finally:
-        monkeypatch.setattr(modelopt_compat, "blocked_outputs", found)
+        monkeypatch.setattr(modelopt_compat, "blocked_reads", found)
 
 
 def _spy_fetched(monkeypatch) -> list:
@@ -973,19 +992,60 @@ def test_blocked_fetch_of_a_model_with_external_data_has_the_same_histograms(tmp
     _assert_same_histograms(recs[1]["histograms"], recs[0]["histograms"])
 
 
-def test_blocked_fetch_only_for_a_histogram_calibration_on_the_cpu(tmp_path):
-    rec = _quantize_recording(tmp_path, fold=True, running=True, method="max", blocked=True)
-    assert not [n for n in rec["notes"] if "patch 11" in n]  # "max" observes through reductions: not for it
+@pytest.mark.parametrize("model", [_conv_mlp_model, _residual_model, _padded_model])
+def test_max_calibration_reducing_blocked_tensors_has_the_full_levels_scales(tmp_path, monkeypatch, model):
+    """"max" observes through ReduceMin/ReduceMax over every axis: patch 11 lets them read the blocked tensors, and
+    the scales are the full level's with the reorders kept, bit for bit, and an ulp or two from ModelOpt's own."""
+    import numpy as np
+    import onnxruntime as ort
 
+    (tmp_path / "ref").mkdir()
+    ref = _full_level_reference(tmp_path / "ref", monkeypatch, model, method="max")
+    opened: list = []
+    init = ort.InferenceSession.__init__
+
+    def spy(self, path_or_bytes, *a, **k):  # the graph patch 11's session opens (its folder goes with the call)
+        if str(path_or_bytes).endswith(".qdqkit-all.onnx"):
+            opened.append(onnx.load(path_or_bytes, load_external_data=False))
+        init(self, path_or_bytes, *a, **k)
+
+    monkeypatch.setattr(ort.InferenceSession, "__init__", spy)
+    rec = _quantize_recording(tmp_path / "blocked", fold=True, running=True, method="max", model=model, blocked=True)
+    monkeypatch.undo()
+    line = [n for n in rec["notes"] if "patch 11" in n]
+    if "no observed tensor" in line[0]:
+        pytest.skip("onnxruntime has no blocked layout on this processor")
+    assert "reduced tensors in onnxruntime's blocked channel layout" in line[0]
+    session_model, = opened
+    graph = session_model.graph
+    channels = {n.output[0]: n.attribute for n in graph.node if n.op_type == "ReorderOutput"}
+    reduced = {n.input[0] for n in graph.node if n.op_type in ("ReduceMin", "ReduceMax")}
+    other = {i for n in graph.node if n.op_type not in ("ReduceMin", "ReduceMax") for i in n.input}
+    other |= {o.name for o in graph.output}
+    assert reduced - set(channels) - {"x"}  # some reductions read a blocked tensor
+    for name in reduced & set(channels):  # the others' copies stay for another reader, or for padding
+        assert name in other or {a.name: a.i for a in channels[name]}["channels"] % 16, name
+    if model is _padded_model:
+        assert "r1" in reduced & set(channels)  # 24 channels: reordered back, so its ranges count no padding
+    _assert_same_scales(rec["scales"], ref["scales"])
+    upstream = _quantize_recording(tmp_path / "upstream", fold=False, running=False, model=model, probes=False)
+    for name, value in rec["scales"].items():
+        np.testing.assert_allclose(value, upstream["scales"][name], rtol=1e-6, err_msg=name)
+
+
+def test_blocked_fetch_only_on_the_cpu_and_for_histograms_under_patch_7(tmp_path):
     class Calibrator:
         def collect_data(self, reader):
             pass
 
     Calibrator.collect_data.qdqkit_original = None  # as if patch 7's loop
     for providers in (["CUDAExecutionProvider", "CPUExecutionProvider"], [("TensorrtExecutionProvider", {})], []):
-        assert "CPU provider alone" in modelopt_compat._blocked_model(Calibrator(), {"execution_providers": providers})
+        for outputs in (True, False):
+            assert "CPU provider alone" in modelopt_compat._blocked_model(
+                Calibrator(), {"execution_providers": providers}, outputs)
     del Calibrator.collect_data.qdqkit_original
-    assert "patch 7" in modelopt_compat._blocked_model(Calibrator(), {"execution_providers": ["CPUExecutionProvider"]})
+    assert "patch 7" in modelopt_compat._blocked_model(Calibrator(), {"execution_providers": ["CPUExecutionProvider"]},
+                                                       outputs=True)
 
 
 # -- patch 8: only the ranges the quantizer reads are calibrated -------------------------------------------------
