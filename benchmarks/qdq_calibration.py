@@ -99,7 +99,8 @@ def _sample_ends(intervals: list | None):
 
 
 def _calibrate(model, source, registry, n: int, scales: dict | None = None, cpu: list | None = None,
-               method: str = "max", exclude: list[str] | None = None, intervals: list | None = None) -> float:
+               method: str = "max", exclude: list[str] | None = None, intervals: list | None = None,
+               notes: list | None = None) -> float:
     from qdqkit.calib import SampleReader
     from qdqkit.quant_backends import ModelOptBackend, QuantJob
 
@@ -116,6 +117,8 @@ def _calibrate(model, source, registry, n: int, scales: dict | None = None, cpu:
     seconds = time.perf_counter() - t
     if cpu is not None:
         cpu.append(time.process_time() - c)
+    if notes is not None:  # the report lines of qdqkit's ModelOpt patches (what patches 8, 9 and 11 did)
+        notes.extend(job.notes)
     if scales is not None:
         from onnx import numpy_helper
 
@@ -230,9 +233,11 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
     _plain_ms(unfused_sess, source, n2, 2 if bevformer else 5)
     runs = plain_runs or max(30, n2 // 4)
     scales: dict[str, dict] = {name: {} for name in variants}
+    notes: dict[str, list] = {}
     for name in variants:  # warm (imports, first-call work); the scales of each configuration, to compare
         with _variant(name):
-            _calibrate(model, source, registry, n1, scales[name], method=method, exclude=exclude)
+            _calibrate(model, source, registry, n1, scales[name], method=method, exclude=exclude,
+                       notes=notes.setdefault(name, []))
     # Interleaved: a block of plain inferences before and after every calibration, so that a change in the
     # machine's other load hits both sides of a ratio alike; the order of N1 and N2 alternates between repeats.
     rows: dict[str, list[dict]] = {name: [] for name in variants}
@@ -291,6 +296,7 @@ def time_benchmark(grid: int, width: int, n1: int, n2: int, repeats: int = 7,
                 / (n2 - n1) * 1e3 / plain_ms,
             # process CPU time instead of wall time: less sensitive to the machine's other load
             "per_sample_over_plain_cpu_time": _spread([x["cpu_ratio"] for x in rs]),
+            "patch_notes": notes[name],  # from the warm-up calibration (N1 samples)
             "per_sample_ms": statistics.median(x["per_sample_ms"] for x in rs),
             "per_sample_over_plain_unfused":
                 statistics.median(x["per_sample_ms"] for x in rs) / statistics.median(unfused_all),

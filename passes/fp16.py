@@ -91,7 +91,8 @@ class Fp16Pass(Pass):
 
         rules = ExclusionRules.from_rule_options(o)
         resolution = rules.resolve(proto, ctx.registries.get("rules"))
-        flags, plan = plugin_precision_plan(proto, registry, "fp16", _whole_op_overrides(o.plugin_precision))
+        _check_whole_op(o.plugin_precision)
+        flags, plan = plugin_precision_plan(proto, registry, "fp16", o.plugin_precision)
         work, domains = as_trt_would_see_it(proto, registry, before="FP16 typing")
 
         ranges: dict[str, tuple[float, float]] = {}
@@ -160,12 +161,12 @@ def _check_options(o: Fp16Options) -> None:
             raise UserError(f"fp16: {key} must be a positive number, got {value!r}")
 
 
-def _whole_op_overrides(overrides: dict[str, str]) -> dict[str, str]:
-    """The fp16 pass sets a custom op's precision as a whole: "fp16" or "fp32" (per-input plans are qdq's)."""
+def _check_whole_op(overrides: dict[str, str]) -> None:
+    """The fp16 pass sets a custom op's precision as a whole: "fp16" or "fp32" (per-input plans are qdq's; a bare
+    precision already means the whole op to plugin_precision_plan)."""
     for op, value in overrides.items():
         if value not in ("fp16", "fp32"):
             raise UserError(f"fp16: plugin precision of {op} must be 'fp16' or 'fp32' (the whole op), got '{value}'")
-    return overrides  # a bare precision already means the whole op to plugin_precision_plan
 
 
 def _beyond(lo: float, hi: float, data_max: float) -> bool:

@@ -99,13 +99,14 @@ def _label(node: onnx.NodeProto) -> str:
 
 
 def _infer(proto: onnx.ModelProto, hints: list[onnx.ValueInfoProto], data_prop: bool) -> onnx.ModelProto:
+    subject = qmodel.inference_subject(proto, hints=hints)  # one copy for both tries
     try:
-        return qmodel.inferred_structure(proto, hints=hints, check_type=True, strict_mode=True, data_prop=data_prop)
+        return onnx.shape_inference.infer_shapes(subject, check_type=True, strict_mode=True, data_prop=data_prop)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "No Op registered" in first or "is not a registered" in first:
-            return qmodel.inferred_structure(proto, hints=hints, check_type=False, strict_mode=False,
-                                             data_prop=data_prop)
+            return onnx.shape_inference.infer_shapes(subject, check_type=False, strict_mode=False,
+                                                     data_prop=data_prop)
         raise UserError(f"shape inference failed: {first}") from None
 
 

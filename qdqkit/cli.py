@@ -157,7 +157,7 @@ def _cli_options(args: argparse.Namespace, present: set[str]) -> dict[str, dict[
         "exclude_op_types": args.exclude_op_types, "exclude_nodes": args.exclude_nodes,
         "exclude_nodes_glob": args.exclude_nodes_glob, "exclude_patterns": args.exclude_patterns,
         "exclude_between": args.exclude_between, "optional_rules": args.optional_rules,
-        "plugin_precision": _plugin_precision(args.plugin_precision),
+        "plugin_precision": _plugin_precision(args.plugin_precision), "calib_samples": args.calib_samples,
     }
     qdq = {"calibration_method": args.calibration_method, "high_precision": args.high_precision,
            "backend": args.backend}
@@ -165,7 +165,7 @@ def _cli_options(args: argparse.Namespace, present: set[str]) -> dict[str, dict[
     takers = [name for name in ("qdq", "fp16") if name in present] or ["qdq"]
     for name, opts in (("qdq", qdq), ("fp16", fp16)):
         if name in takers:
-            opts.update(shared, calib_samples=args.calib_samples)
+            opts.update(shared)
     validate = {"samples": args.val_samples, "min_cosine": args.min_cosine}
     shapes = {"fallback": args.shape_fallback}
     return {name: {k: v for k, v in opts.items() if v is not None}
@@ -347,6 +347,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
 def _summary(proto: Any, session: Any, *, with_census: bool = True) -> dict[str, Any]:
     import onnx
 
+    from qdqkit.coverage import qdq_summary
     from qdqkit.customops import classify_nodes, iter_nodes
     from qdqkit.precision import computed_types
 
@@ -375,18 +376,11 @@ def _summary(proto: Any, session: Any, *, with_census: bool = True) -> dict[str,
     if with_census:
         census = classify_nodes(proto, session.custom_ops)
         summary["custom_ops"] = {"counts": census["counts"], "known": census["known"], "unknown": census["unknown"]}
-    summary["qdq"] = _qdq(proto, session, hist)
+    summary["qdq"] = qdq_summary(proto, session.custom_ops)
     summary["computed_types"] = computed_types(proto)  # as the model declares them: inspect infers nothing
     return summary
 
 
-def _qdq(proto: Any, session: Any, hist: dict[str, int]) -> dict[str, Any]:
-    try:
-        from qdqkit.coverage import qdq_summary
-    except Exception as exc:  # the coverage module is optional; give the plain counts
-        return {"QuantizeLinear": hist.get("QuantizeLinear", 0), "DequantizeLinear": hist.get("DequantizeLinear", 0),
-                "coverage": f"unavailable ({type(exc).__name__}: {exc})"}
-    return qdq_summary(proto, session.custom_ops)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qdqkit.model import inferred_structure, static_shapes
+from qdqkit.model import inference_subject, static_shapes
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Attention")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -26,10 +26,10 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
     # data propagation carries shapes computed at run time (Shape -> Gather -> Concat -> Reshape, as the TorchScript
     # exporter writes attention's head split) through to the MatMuls
-    inferred = model
+    inferred, subject = model, inference_subject(model)  # one copy (of a heavy model) for both tries
     for kwargs in ({"data_prop": True}, {}):
         try:
-            inferred = inferred_structure(model, **kwargs)
+            inferred = onnx.shape_inference.infer_shapes(subject, **kwargs)
             break
         except Exception:  # noqa: BLE001, S112 - an op whose inference fails leaves its shapes unknown, listed
             continue

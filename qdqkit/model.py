@@ -323,6 +323,13 @@ def inferred_structure(proto: onnx.ModelProto, fresh: bool = False, hints: Any =
     shape is what the ops derive (onnx otherwise keeps a declared one and merges leniently). ``hints``: value_info
     entries added to the copy under names it declares nothing for (types the caller knows and onnx cannot derive,
     a custom op's outputs, say)."""
+    return onnx.shape_inference.infer_shapes(inference_subject(proto, fresh, hints), **kwargs)
+
+
+def inference_subject(proto: onnx.ModelProto, fresh: bool = False, hints: Any = ()) -> onnx.ModelProto:
+    """What ``inferred_structure`` hands onnx's shape inference: ``proto`` itself, or a copy without its heavy
+    weights' bytes, ``fresh`` and ``hints`` applied (see there). Inference leaves it unchanged, so a caller that tries
+    several inference options builds it once."""
     subject = proto if weight_bytes(proto) < LIGHT_WEIGHTS else structure_only(proto)
     if fresh or hints:
         if subject is proto:
@@ -332,7 +339,7 @@ def inferred_structure(proto: onnx.ModelProto, fresh: bool = False, hints: Any =
             del subject.graph.value_info[:]
         have = {v.name for v in subject.graph.value_info}
         subject.graph.value_info.extend(h for h in hints if h.name not in have)
-    return onnx.shape_inference.infer_shapes(subject, **kwargs)
+    return subject
 
 
 def adopt_inferred(proto: onnx.ModelProto, inferred: onnx.ModelProto) -> bool:

@@ -1429,7 +1429,8 @@ def blocked_reads(model: Any, outputs: bool) -> dict[str, int]:
 
 def _blocked_model(calibrator: Any, kwargs: dict, outputs: bool) -> tuple[str, dict[str, int], int] | str:
     """The model of a calibration's session optimized at ``ORT_ENABLE_ALL`` and saved with ``blocked_reads``
-    applied, the tensors no longer reordered and how many it observes; or why patch 11 does not apply."""
+    applied, the observed tensors read blocked (the fetched ones with ``outputs``, else the reduced ones) with their
+    channel counts, and how many it observes; or why patch 11 does not apply."""
     if outputs and not hasattr(type(calibrator).collect_data, "qdqkit_original"):
         # a histogram calibration's outputs must reach nothing but the histograms: patch 7's loop hands them to the
         # collector and nowhere else (per-node calibration, say, feeds them on)
@@ -1459,9 +1460,10 @@ def _blocked_model(calibrator: Any, kwargs: dict, outputs: bool) -> tuple[str, d
     if not channels:
         return "onnxruntime put no observed tensor in its blocked layout"
     onnx.save(model, optimized)
-    observed = len(model.graph.output) if outputs else \
-        len({n.input[0] for n in model.graph.node if _full_min_or_max(n)})
-    return optimized, channels, observed
+    if outputs:  # the fetched ones (a reduction the model itself makes may read a blocked tensor too)
+        names = {o.name for o in model.graph.output}
+        return optimized, {n: c for n, c in channels.items() if n in names}, len(names)
+    return optimized, channels, len({n.input[0] for n in model.graph.node if _full_min_or_max(n)})
 
 
 def _blocked_session_maker(original: Any, notes: list) -> Any:
@@ -1524,9 +1526,9 @@ def patched_modelopt(fold_constants: bool = True, running_ranges: bool = True,
                      shape_probes: bool = True, log_handlers_off: bool = True,
                      blocked_fetch: bool = True) -> Iterator[PatchNotes]:
     """Apply the patches listed in the module docstring for the duration of the block (re-entrant).
-    ``direct_histograms`` switches patches 6 and 7 together (patch 11 needs 7 for histograms); ``read_ranges_only`` is patch 8,
-    ``shape_probes`` patch 9, ``log_handlers_off`` patch 10, ``blocked_fetch`` patch 11. Yields the
-    ``PatchNotes`` of the block."""
+    ``direct_histograms`` switches patches 6 and 7 together (patch 11 needs 7 for histograms);
+    ``read_ranges_only`` is patch 8, ``shape_probes`` patch 9, ``log_handlers_off`` patch 10, ``blocked_fetch``
+    patch 11. Yields the ``PatchNotes`` of the block."""
     check_version()
     with _LOCK, onnxruntime_quantization_restored():
         from modelopt.onnx import trt_utils

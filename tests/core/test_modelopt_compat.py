@@ -903,6 +903,26 @@ def _padded_model() -> onnx.ModelProto:
     return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _reducing_model() -> onnx.ModelProto:
+    """A model that takes a ReduceMax of its own over a 32-channel activation (no calibration observes it), beside
+    the convolutions whose inputs are observed."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(6)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16]),
+               helper.make_tensor_value_info("peak", TensorProto.FLOAT, [1, 1, 1, 1])]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("ReduceMax", ["r2"], ["peak"], keepdims=1),
+             helper.make_node("Conv", ["r1", "w3"], ["y"], pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype("float32") * 0.2, f"w{i}")
+             for i, s in enumerate([(32, 8, 3, 3), (32, 32, 3, 3), (16, 32, 3, 3)], 1)]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], outputs, inits),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
 def _full_level_reference(tmp_path, monkeypatch, model, method: str = "entropy") -> dict:
     """The same calibration at onnxruntime's full level with every tensor read as usual (reordered back to NCHW):
     patch 11 with ``blocked_reads`` finding the tensors but changing nothing."""
@@ -933,7 +953,7 @@ def _spy_fetched(monkeypatch) -> list:
     return fetched
 
 
-@pytest.mark.parametrize("model", [_conv_mlp_model, _residual_model, _padded_model])
+@pytest.mark.parametrize("model", [_conv_mlp_model, _residual_model, _padded_model, _reducing_model])
 def test_entropy_calibration_fetched_blocked_has_the_full_levels_histograms(tmp_path, monkeypatch, model):
     """Patch 11 hands the histograms the blocked tensors: the same values as the full level's reordered ones, in
     another order, so the same histograms, bin for bin, and the same scales; close to ModelOpt's own (other
@@ -992,7 +1012,7 @@ def test_blocked_fetch_of_a_model_with_external_data_has_the_same_histograms(tmp
     _assert_same_histograms(recs[1]["histograms"], recs[0]["histograms"])
 
 
-@pytest.mark.parametrize("model", [_conv_mlp_model, _residual_model, _padded_model])
+@pytest.mark.parametrize("model", [_conv_mlp_model, _residual_model, _padded_model, _reducing_model])
 def test_max_calibration_reducing_blocked_tensors_has_the_full_levels_scales(tmp_path, monkeypatch, model):
     """"max" observes through ReduceMin/ReduceMax over every axis: patch 11 lets them read the blocked tensors, and
     the scales are the full level's with the reorders kept, bit for bit, and an ulp or two from ModelOpt's own."""

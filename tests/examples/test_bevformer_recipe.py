@@ -122,13 +122,21 @@ def test_fp16_recipe_keeps_the_camera_projection_fp32_and_validates(exported, tm
     assert stats["fp32_nodes"]["rule"] == stats["fp32_nodes"]["plugin"] == []
     assert stats["tensors_by_precision"]["float16"] > 50 * stats["tensors_by_precision"]["float"]
     m = onnx.load(str(model), load_external_data=False)
-    # each plugin as planned: its float inputs and outputs FP16 by its formats, or all FP32 where the node is kept
+    # each plugin as planned: its float inputs and outputs FP16 by its formats, or all FP32 where the node is kept,
+    # read from the saved model's own types (not from the pass's check, which raises on any difference)
+    from qdqkit.plugins import Session
+    from qdqkit.precision import ONNX_PRECISION, tensor_types
+
     kept_all = {name for names in stats["fp32_nodes"].values() for name in names}
-    ops = {n.name: n.op_type for n in m.graph.node}
-    assert stats["plugin_check"]
-    for name, got in stats["plugin_check"].items():
-        planned = {io: p for io, p in stats["plugin_precision"][ops[name]].items() if p in ("fp16", "fp32")}
-        assert got == ({io: "fp32" for io in planned} if name in kept_all else planned), name
+    types = tensor_types(m)
+    nodes = list(Session.start().custom_ops.custom_nodes(m))
+    assert nodes and {n.name for n, _ in nodes} == set(stats["plugin_check"])
+    for node, spec in nodes:
+        planned = {io: p for io, p in stats["plugin_precision"][node.op_type].items() if p in ("fp16", "fp32")}
+        got = {io.name: ONNX_PRECISION.get(types.get(t), "?")
+               for io, t in [*zip(spec.inputs, node.input), *zip(spec.outputs, node.output)]
+               if t and io.name in planned}
+        assert got == ({io: "fp32" for io in planned} if node.name in kept_all else planned), node.name
     val = _pass_stats(rep, "validate")
     assert val["passed"] and min(o["cosine_min"] for o in val["outputs"]) >= 0.99
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)
