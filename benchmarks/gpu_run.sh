@@ -45,6 +45,7 @@ if has test; then
   T=$REPO/tests/custom_ops
   timeout ${TEST_TIMEOUT:-400} python3 -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -q -rs -p no:cacheprovider \
     $T/test_cuda_cpu.py $T/test_cuda_msda.py $T/test_cuda_rotate.py $T/test_cuda_dcn.py $T/test_cuda_trt_abi.py \
+    $T/test_cuda_frame.py $T/test_ops_torch.py::test_cuda_tensors_go_to_the_cuda_kernels \
     --durations=5 2>&1 | tee "$OUT/pytest.log" | tail -40
 fi
 
@@ -87,6 +88,6 @@ if has launch; then
 fi
 
 if has frame; then
-  timeout 150 python3 "$REPO/benchmarks/gpu_frame.py" --json "$OUT/frame.json" 2>&1 | tee "$OUT/frame.log" | tail -12
+  timeout 300 python3 "$REPO/benchmarks/gpu_frame.py" --json "$OUT/frame.json" 2>&1 | tee "$OUT/frame.log" | tail -12
 fi
 cd "$REPO" && rm -rf "$SHIM"

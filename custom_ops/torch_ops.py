@@ -77,7 +77,10 @@ def ms_deform_attn_torch(
     start = 0
     for level, (H, W) in enumerate(shapes):
         level_value = value[:, start : start + H * W].permute(0, 2, 3, 1).reshape(B * M, D, H, W)
-        size = torch.tensor([W, H], dtype=dt, device=value.device)
+        # filled on the device: a tensor made from a Python list, or an element assigned a Python number, is a
+        # host-to-device copy, which a CUDA graph cannot capture
+        size = torch.full((2,), float(W), dtype=dt, device=value.device)
+        size[1:].fill_(float(H))
         loc = ref + offsets[:, :, :, level] / size  # normalised [0, 1] positions, [B, Q, M, P, 2]
         grid = (2 * loc - 1).permute(0, 2, 1, 3, 4).reshape(B * M, Q, P, 2)
         sampled = F.grid_sample(level_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

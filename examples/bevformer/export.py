@@ -29,7 +29,7 @@ from .model import TINY, BEVFormer, BEVFormerConfig, build_model
 
 OPSET = 13
 # Bump when the model code changes in a way that changes the exported graph, so stale caches are not reused.
-GRAPH_VERSION = 4
+GRAPH_VERSION = 5
 # Bump when the seeded initialisation changes.
 WEIGHTS_VERSION = 3
 

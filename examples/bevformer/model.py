@@ -353,15 +353,17 @@ class BEVFormerEncoder(nn.Module):
         # Derived constants, not weights: keep them out of the state_dict so checkpoint keys stay upstream's.
         self.register_buffer("ref_3d", ref_3d.contiguous(), persistent=False)  # [1, D, HW, 3]
         self.register_buffer("ref_2d", ref_3d[0, 0, :, :2].reshape(1, h * w, 1, 2).clone(), persistent=False)
+        # the pillars' metric extent, as buffers rather than tensors made in forward: a tensor made from a Python
+        # list on a GPU is a host-to-device copy, which a CUDA graph cannot capture
+        pc = cfg.pc_range
+        self.register_buffer("pc_scale", torch.tensor([pc[3] - pc[0], pc[4] - pc[1], pc[5] - pc[2]]), persistent=False)
+        self.register_buffer("pc_offset", torch.tensor(pc[:3]), persistent=False)
 
     def point_sampling(self, lidar2img: torch.Tensor):
         """Project each pillar's 4 height anchors into every camera: normalised (u, v) and per-camera weights."""
         cfg = self.cfg
-        pc = cfg.pc_range
         d, n, cams = cfg.num_points_in_pillar, cfg.bev_h * cfg.bev_w, cfg.num_cams
-        scale = self.ref_3d.new_tensor([pc[3] - pc[0], pc[4] - pc[1], pc[5] - pc[2]])
-        offset = self.ref_3d.new_tensor(pc[:3])
-        pts = self.ref_3d * scale + offset
+        pts = self.ref_3d * self.pc_scale + self.pc_offset
         pts = torch.cat((pts, torch.ones_like(pts[..., :1])), -1).permute(1, 0, 2, 3)  # [D, 1, HW, 4]
         pts = pts.view(d, 1, 1, n, 4, 1)
         cam = torch.matmul(lidar2img.view(1, 1, cams, 1, 4, 4), pts).squeeze(-1)  # [D, 1, cams, HW, 4]
