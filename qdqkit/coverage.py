@@ -124,12 +124,18 @@ def qdq_summary(model: onnx.ModelProto, registry: Any = None) -> dict[str, Any]:
     }
 
 
+def counted_ops(summary: dict[str, Any]) -> str:
+    """The op types whose FLOPs a summary's coverage counts, as the model has them: "Conv/MatMul/Gemm"."""
+    present = [op for op in COMPUTE_OPS if op in summary.get("compute", {})]
+    return "/".join(present) or "/".join(COMPUTE_OPS)
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A short human table of `qdq_summary`."""
     cov = summary["int8_coverage"]
     lines = [
         f"Q/DQ: {summary['quantize_linear']} QuantizeLinear, {summary['dequantize_linear']} DequantizeLinear; "
-        f"INT8 coverage: {'n/a' if cov is None else f'{100 * cov:.1f}% of Conv/MatMul/Gemm FLOPs'}",
+        f"INT8 coverage: {'n/a' if cov is None else f'{100 * cov:.1f}% of {counted_ops(summary)} FLOPs'}",
     ]
     for op, e in summary["compute"].items():
         lines.append(f"  {op:<14} {e['int8']}/{e['nodes']} nodes INT8, {e['int8_gflops']:.4f}/{e['gflops']:.4f} GFLOP")

@@ -152,11 +152,13 @@ def summarise(recipe: str, rep: dict | None, rc: int, last_layer: dict | None = 
         lines.append("custom ops:       " + ", ".join(f"{op} x{moved.get(op, '?')}" for op in ops))
     summary = _stats(rep, "qdq").get("summary") or {}
     if summary:
+        from qdqkit.coverage import counted_ops
+
         by_op = summary.get("dq_inputs_by_op_type", {})
         lines.append(f"Q/DQ nodes:       {summary.get('quantize_linear')} Q, {summary.get('dequantize_linear')} DQ; "
                      "INT8 inputs by op: " + ", ".join(f"{k} {v.get('nodes')}" for k, v in sorted(by_op.items())))
         comp = summary.get("compute", {})
-        lines.append(f"INT8 coverage:    {100 * summary.get('int8_coverage', 0):.1f}% of Conv/MatMul/Gemm FLOPs ("
+        lines.append(f"INT8 coverage:    {100 * summary.get('int8_coverage', 0):.1f}% of {counted_ops(summary)} FLOPs ("
                      + ", ".join(f"{k} {v.get('int8')}/{v.get('nodes')}" for k, v in sorted(comp.items())) + ")")
     fp16 = _stats(rep, "fp16")
     if fp16:

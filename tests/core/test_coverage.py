@@ -41,7 +41,7 @@ def test_coverage_counts_flops_of_int8_compute():
     assert (mm["nodes"], mm["int8"]) == (2, 1)
     assert mm["gflops"] == pytest.approx(192e-9) and mm["int8_gflops"] == pytest.approx(64e-9)
     assert s["dq_inputs_by_op_type"] == {"MatMul": {"nodes": 1, "dq_inputs": 2}}
-    assert "33.3%" in format_summary(s)
+    assert "INT8 coverage: 33.3% of MatMul FLOPs" in format_summary(s)  # names the op types it counted
 
 
 def test_float_model_has_zero_coverage():
@@ -92,3 +92,4 @@ def test_attention_op_counts_the_flops_of_its_two_matmuls(layout):
     summary = qdq_summary(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]))
     assert summary["compute"]["Attention"]["gflops"] * 1e9 == pytest.approx(want)
     assert summary["int8_coverage"] == 1.0 and summary["unknown_shape_nodes"] == []
+    assert "100.0% of Attention FLOPs" in format_summary(summary)
