@@ -6,7 +6,7 @@ Measures, in one run on this machine:
      forward of the same model (the peer, same inputs, same process);
   3. synthetic data: seconds per frame of image/ego-motion generation, and of the prev_bev roll-out;
   4. optionally (``--demo``) the whole ``python -m qdqkit.examples.bevformer demo`` wall time (its default:
-     one recipe, bevformer-int8), against the 20-minute budget of the README quick start.
+     one recipe, bevformer-int8), the quick start's first command without its installs.
 
 Usage: python benchmarks/bevformer_pipeline.py [--frames 3] [--demo]
 Prints one line per figure: value, floor or peer, ratio.
@@ -79,7 +79,8 @@ def main() -> int:
             rc = subprocess.call([sys.executable, "-m", "qdqkit.examples.bevformer", "demo", "--workdir", work,
                                   "--recipe", "bevformer-int8", "--calib-samples", "8", "--val-samples", "4"])
             t_demo = time.perf_counter() - t0
-        print(f"demo (8+4 frames, bevformer-int8) {t_demo:8.0f} s   floor 1200 s     ratio {t_demo / 1200:.2f}  (exit {rc})")
+        # no floor for the whole demo: its parts are timed against theirs above; this is the total a user waits
+        print(f"demo (8+4 frames, bevformer-int8) {t_demo:8.0f} s   (exit {rc})")
     return 0
 
 
