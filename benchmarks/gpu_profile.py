@@ -4,7 +4,7 @@ Not a timing script: ncu replays each kernel and reports throughput and occupanc
 it (issue, latency, L1/shared memory, L2 or DRAM).
 """
 
-import sys
+import argparse
 
 import numpy as np
 import torch
@@ -12,8 +12,14 @@ import torch
 from qdqkit.custom_ops import cuda
 from qdqkit.custom_ops.cuda import testing as T
 
+CASES = ("tsa", "sca", "decoder")
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("cases", nargs="*", help=f"MSDA calls to run, of {', '.join(CASES)} (default: all three)")
+cases = ap.parse_args().cases or CASES
+if set(cases) - set(CASES):
+    ap.error(f"unknown case(s) {sorted(set(cases) - set(CASES))}; choose from {', '.join(CASES)}")
 rng = np.random.default_rng(0)
-for name in sys.argv[1:] or ("tsa", "sca", "decoder"):
+for name in cases:
     B, shapes, M, D, Q, P, G = T.BEVFORMER_TINY_MSDA[name]
     inp = T.msda_inputs(rng, B, shapes, M, D, Q, P, G)
     for dt in (torch.float16, torch.float32):
