@@ -27,28 +27,21 @@ import sys
 import numpy as np
 import torch
 
+from gpu_ops import events_median  # this folder's op benchmark: CUDA-event medians
 from qdqkit.custom_ops import cuda
 
 _COUNTED = ("ms_deform_attn", "rotate")
 
 
 def frame_inputs(cfg, device, dtype):
-    try:
-        from qdqkit.examples.bevformer.data import SceneGenerator
+    """The example's scene generator's frame 3 (mid-scene, so the temporal path is live) and a random previous BEV,
+    as tensors in the model's input order."""
+    from qdqkit.examples.bevformer.data import INPUT_NAMES, SceneGenerator
 
-        sample = SceneGenerator(cfg, seed=0).inputs(3)
-        src = "SceneGenerator frame 3"
-    except Exception as exc:  # e.g. a device without the example's dependencies: random inputs, and say so
-        rng = np.random.default_rng(0)
-        sample = {"image": rng.standard_normal((1, cfg.num_cams, 3, cfg.img_h, cfg.img_w)).astype(np.float32),
-                  "use_prev_bev": np.ones(1, np.float32), "can_bus": rng.standard_normal(18).astype(np.float32),
-                  "lidar2img": np.tile(np.eye(4, dtype=np.float32), (1, cfg.num_cams, 1, 1))}
-        src = f"random (SceneGenerator failed: {exc})"
-    rng = np.random.default_rng(1)
-    prev = rng.standard_normal((cfg.bev_h * cfg.bev_w, 1, cfg.embed_dims)).astype(np.float32)
-    image = np.asarray(sample["image"], np.float32).reshape(1, cfg.num_cams, 3, cfg.img_h, cfg.img_w)
-    t = lambda a: torch.tensor(np.asarray(a, np.float32), device=device).to(dtype)
-    return (t(image), t(prev), t(sample["use_prev_bev"]), t(sample["can_bus"]), t(sample["lidar2img"])), src
+    sample = SceneGenerator(cfg, seed=0).inputs(3)
+    sample["prev_bev"] = np.random.default_rng(1).standard_normal((cfg.bev_h * cfg.bev_w, 1, cfg.embed_dims))
+    inputs = tuple(torch.tensor(np.asarray(sample[k], np.float32), device=device).to(dtype) for k in INPUT_NAMES)
+    return inputs, "SceneGenerator frame 3"
 
 
 def _autocast(half: bool):
@@ -57,16 +50,7 @@ def _autocast(half: bool):
 
 
 def _median_ms(run, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return events_median(run, reps, 1) / 1000.0
 
 
 class EagerFrame:

@@ -36,7 +36,7 @@ RESULTS: list[dict] = []
 
 # ------------------------------------------------------------------------------------------------ timing
 
-def _events_median(run, reps: int, per: int) -> float:
+def events_median(run, reps: int, per: int) -> float:
     times = []
     for _ in range(reps):
         a = torch.cuda.Event(enable_timing=True)
@@ -67,8 +67,8 @@ def time_graph(calls, reps: int = 30):
             c()
     g.replay()
     torch.cuda.synchronize()
-    t1 = _events_median(g.replay, reps, len(calls))
-    t2 = _events_median(g.replay, reps, len(calls))
+    t1 = events_median(g.replay, reps, len(calls))
+    t2 = events_median(g.replay, reps, len(calls))
     return t1, t2
 
 
@@ -82,7 +82,7 @@ def time_eager(calls, reps: int = 10):
         for c in calls:
             c()
 
-    return _events_median(loop, reps, len(calls))
+    return events_median(loop, reps, len(calls))
 
 
 def n_sets(bytes_per_set: int) -> int:
@@ -100,7 +100,7 @@ def measure_ceilings():
     src = torch.randn(n, device="cuda")
     dst = torch.empty_like(src)
     dst.copy_(src)
-    us = statistics.median([_events_median(lambda: dst.copy_(src), 10, 1) for _ in range(2)])
+    us = statistics.median([events_median(lambda: dst.copy_(src), 10, 1) for _ in range(2)])
     bw = 2 * src.numel() * 4 / (us * 1e-6)  # bytes read + written per second
     del src, dst
     rates = {}
@@ -109,7 +109,7 @@ def measure_ceilings():
         b = torch.randn(size, size, device="cuda", dtype=dt)
         prev = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
-        t = _events_median(lambda: torch.matmul(a, b), 10, 1)
+        t = events_median(lambda: torch.matmul(a, b), 10, 1)
         torch.backends.cuda.matmul.allow_tf32 = prev
         rates[name] = 2 * size**3 / (t * 1e-6)
     torch.cuda.empty_cache()

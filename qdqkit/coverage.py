@@ -126,8 +126,7 @@ def qdq_summary(model: onnx.ModelProto, registry: Any = None) -> dict[str, Any]:
 
 def counted_ops(summary: dict[str, Any]) -> str:
     """The op types whose FLOPs a summary's coverage counts, as the model has them: "Conv/MatMul/Gemm"."""
-    present = [op for op in COMPUTE_OPS if op in summary.get("compute", {})]
-    return "/".join(present) or "/".join(COMPUTE_OPS)
+    return "/".join(op for op in COMPUTE_OPS if op in summary["compute"])
 
 
 def format_summary(summary: dict[str, Any]) -> str:

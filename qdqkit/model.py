@@ -314,22 +314,20 @@ def _write_external(proto: onnx.ModelProto, f: Any, location: str) -> onnx.Model
 ELIDED_LOCATION = "qdqkit-elided.bin"
 
 
-def inferred_structure(proto: onnx.ModelProto, fresh: bool = False, hints: Any = (),
-                       **kwargs: Any) -> onnx.ModelProto:
+def inferred_structure(proto: onnx.ModelProto, fresh: bool = False, **kwargs: Any) -> onnx.ModelProto:
     """ONNX shape inference of ``proto`` (``kwargs`` as ``onnx.shape_inference.infer_shapes`` takes them), run on a
     copy without the bytes of its large weights where they are heavy: onnx serializes what it is given, which
     fails past 2 GB and costs time before. The result carries the types and shapes (``value_info``, outputs), not
     the weights. ``fresh``: the model's declared ``value_info`` is dropped first, so every intermediate type and
-    shape is what the ops derive (onnx otherwise keeps a declared one and merges leniently). ``hints``: value_info
-    entries added to the copy under names it declares nothing for (types the caller knows and onnx cannot derive,
-    a custom op's outputs, say)."""
-    return onnx.shape_inference.infer_shapes(inference_subject(proto, fresh, hints), **kwargs)
+    shape is what the ops derive (onnx otherwise keeps a declared one and merges leniently)."""
+    return onnx.shape_inference.infer_shapes(inference_subject(proto, fresh), **kwargs)
 
 
 def inference_subject(proto: onnx.ModelProto, fresh: bool = False, hints: Any = ()) -> onnx.ModelProto:
-    """What ``inferred_structure`` hands onnx's shape inference: ``proto`` itself, or a copy without its heavy
-    weights' bytes, ``fresh`` and ``hints`` applied (see there). Inference leaves it unchanged, so a caller that tries
-    several inference options builds it once."""
+    """What onnx's shape inference is handed (``inferred_structure``, and callers that try several inference
+    options, which build it once: inference leaves it unchanged): ``proto`` itself, or a copy without its heavy
+    weights' bytes; ``fresh`` as in ``inferred_structure``. ``hints``: value_info entries added to the copy under
+    names it declares nothing for (types the caller knows and onnx cannot derive, a custom op's outputs, say)."""
     subject = proto if weight_bytes(proto) < LIGHT_WEIGHTS else structure_only(proto)
     if fresh or hints:
         if subject is proto:

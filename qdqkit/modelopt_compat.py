@@ -174,6 +174,7 @@ the working directory switched to a temporary folder. Its API defaults that diff
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import importlib.util
@@ -332,7 +333,7 @@ def calibration_sessions_folded() -> Iterator[None]:
     def init(self: Any, path_or_bytes: Any, sess_options: Any = None, *args: Any, **kwargs: Any) -> None:
         if sess_options is not None and \
                 sess_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
-            if str(path_or_bytes) not in _PREOPTIMIZED:  # patch 11's model is optimized already
+            if not _PREOPTIMIZED.get():  # patch 11's model is optimized already
                 sess_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
             sess_options.enable_cpu_mem_arena = True
         original(self, path_or_bytes, sess_options, *args, **kwargs)
@@ -1081,8 +1082,8 @@ class PatchNotes:
     """What patches 8, 9 and 11 did in the INT8 quantizations of a ``patched_modelopt`` block, as report lines (read
     them after ModelOpt has run)."""
 
-    def __init__(self, calls: list, probes: list, blocked: list | None = None) -> None:
-        self._calls, self._probes, self._blocked = calls, probes, [] if blocked is None else blocked
+    def __init__(self, calls: list, probes: list, blocked: list) -> None:
+        self._calls, self._probes, self._blocked = calls, probes, blocked
 
     def lines(self) -> list[str]:
         out = [line for line in (c.note() for c in self._calls) if line]
@@ -1364,7 +1365,10 @@ def own_log_handlers_off() -> Iterator[None]:
 _SESSION_MAKER = ("modelopt.onnx.quantization.ort_patching", "_create_inference_session_with_ep_config")
 _NCHWC_DOMAIN = "com.microsoft.nchwc"
 _NEVER_PADDED = 16  # MLAS's NCHWc layout blocks channels by 8 or 16: a multiple of 16 needs no padding
-_PREOPTIMIZED: set[str] = set()  # model files optimized already, which patch 4 leaves at ORT_DISABLE_ALL
+# True while ModelOpt opens patch 11's already optimized model, which patch 4 then leaves at ORT_DISABLE_ALL. A flag
+# for the call, not the model's path: the custom-op registry may open the session on a copy of the model (custom
+# ops with Python kernels), under another path or as bytes.
+_PREOPTIMIZED: contextvars.ContextVar[bool] = contextvars.ContextVar("qdqkit_preoptimized", default=False)
 
 
 def _full_min_or_max(node: Any) -> bool:
@@ -1482,11 +1486,11 @@ def _blocked_session_maker(original: Any, notes: list) -> Any:
             notes.append(made)
             return original(calibrator, **kwargs)
         path, channels, observed = made
-        _PREOPTIMIZED.add(path)
+        token = _PREOPTIMIZED.set(True)  # the one session this call opens, on whatever copy of ``path``
         try:
             original(calibrator, **{**kwargs, "model_path": path})
         finally:
-            _PREOPTIMIZED.discard(path)
+            _PREOPTIMIZED.reset(token)
         if histograms:
             calibrator.qdqkit_blocked = channels
         notes.append(("fetched" if histograms else "reduced", len(channels), observed))

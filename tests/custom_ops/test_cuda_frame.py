@@ -16,13 +16,11 @@ def _frame(cfg, index, device):
     import numpy as np
     import torch
 
-    from qdqkit.examples.bevformer.data import SceneGenerator
+    from qdqkit.examples.bevformer.data import INPUT_NAMES, SceneGenerator
 
     sample = SceneGenerator(cfg, seed=0).inputs(index)
-    prev = np.random.default_rng(index).standard_normal((cfg.bev_h * cfg.bev_w, 1, cfg.embed_dims))
-    arrays = (np.asarray(sample["image"]).reshape(1, cfg.num_cams, 3, cfg.img_h, cfg.img_w), prev,
-              sample["use_prev_bev"], sample["can_bus"], sample["lidar2img"])
-    return tuple(torch.tensor(np.asarray(a, np.float32), device=device) for a in arrays)
+    sample["prev_bev"] = np.random.default_rng(index).standard_normal((cfg.bev_h * cfg.bev_w, 1, cfg.embed_dims))
+    return tuple(torch.tensor(np.asarray(sample[k], np.float32), device=device) for k in INPUT_NAMES)
 
 
 @pytest.fixture(scope="module")
